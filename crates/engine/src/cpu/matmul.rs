@@ -1,0 +1,520 @@
+//! Linear layers: `y[M, N] = x[M, K] · W[N, K]ᵀ` with W kept in its checkpoint format.
+//!
+//! Each task dequantizes a strip of W rows (exactly as the reference dequantizer does:
+//! `d * q + m` in f32) into a thread-local scratch, then runs a register-tiled f32 kernel
+//! over every row of x. Every output element is one dot product whose arithmetic order
+//! depends only on K and the instruction set, never on M, on the tile it fell into or on
+//! the thread that ran it: a request's logits are bitwise the same whatever else is in
+//! the batch (batch invariance).
+//!
+//! ```text
+//!            K                     K
+//!   x  ┌───────────┐        W ┌───────────┐ n0 ┐
+//!    M │ rows      │          │ strip     │    │ NC rows, dequantized to f32
+//!      └───────────┘          │           │ ───┘
+//!                             └───────────┘ N
+//!   y[m, n0..n0+NC] = tile kernel (MR x NR blocks) over x[m..m+MR] and the strip
+//! ```
+
+use std::cell::RefCell;
+
+use half::f16;
+
+use crate::threadpool::ThreadPool;
+
+/// A weight matrix `[N, K]`, row-major, in one of the formats the kernel reads directly.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    F32(Vec<f32>),
+    /// GGUF Q8_0: blocks of 32, `{d: f16, qs: [i8; 32]}`.
+    Q8_0(Vec<u8>),
+    /// GGUF Q4_0: blocks of 32, `{d: f16, qs: [u8; 16]}`, value `d * (q - 8)`.
+    Q4_0(Vec<u8>),
+    /// GGUF Q4_1: blocks of 32, `{d: f16, m: f16, qs: [u8; 16]}`, value `d * q + m`.
+    Q4_1(Vec<u8>),
+}
+
+pub const QK: usize = 32;
+
+impl Weight {
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            Weight::F32(_) => "f32",
+            Weight::Q8_0(_) => "q8_0",
+            Weight::Q4_0(_) => "q4_0",
+            Weight::Q4_1(_) => "q4_1",
+        }
+    }
+
+    /// Bytes of one row of `k` elements.
+    pub fn row_bytes(&self, k: usize) -> usize {
+        match self {
+            Weight::F32(_) => k * 4,
+            Weight::Q8_0(_) => k / QK * 34,
+            Weight::Q4_0(_) => k / QK * 18,
+            Weight::Q4_1(_) => k / QK * 20,
+        }
+    }
+
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Weight::F32(v) => v.len() * 4,
+            Weight::Q8_0(v) | Weight::Q4_0(v) | Weight::Q4_1(v) => v.len(),
+        }
+    }
+
+    /// Writes rows `n0 .. n0 + out.len() / k` as f32 into `out`.
+    pub fn dequant_rows(&self, n0: usize, k: usize, out: &mut [f32]) {
+        let rows = out.len() / k;
+        match self {
+            Weight::F32(w) => out.copy_from_slice(&w[n0 * k..(n0 + rows) * k]),
+            Weight::Q8_0(b) => {
+                let rb = self.row_bytes(k);
+                dequant_q8_0(&b[n0 * rb..(n0 + rows) * rb], out)
+            }
+            Weight::Q4_0(b) => {
+                let rb = self.row_bytes(k);
+                dequant_q4_0(&b[n0 * rb..(n0 + rows) * rb], out)
+            }
+            Weight::Q4_1(b) => {
+                let rb = self.row_bytes(k);
+                dequant_q4_1(&b[n0 * rb..(n0 + rows) * rb], out)
+            }
+        }
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+fn dequant_q8_0(src: &[u8], out: &mut [f32]) {
+    for (blk, o) in src.chunks_exact(34).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, 0);
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = d * (blk[2 + j] as i8) as f32;
+        }
+    }
+}
+
+fn dequant_q4_0(src: &[u8], out: &mut [f32]) {
+    for (blk, o) in src.chunks_exact(18).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, 0);
+        let (lo, hi) = o.split_at_mut(QK / 2);
+        for j in 0..QK / 2 {
+            let q = blk[2 + j];
+            lo[j] = d * ((q & 0x0f) as i32 - 8) as f32;
+            hi[j] = d * ((q >> 4) as i32 - 8) as f32;
+        }
+    }
+}
+
+fn dequant_q4_1(src: &[u8], out: &mut [f32]) {
+    for (blk, o) in src.chunks_exact(20).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, 0);
+        let m = f16_at(blk, 2);
+        let (lo, hi) = o.split_at_mut(QK / 2);
+        for j in 0..QK / 2 {
+            let q = blk[4 + j];
+            // Two roundings (mul, then add), as the reference dequantizer computes it.
+            lo[j] = d * (q & 0x0f) as f32 + m;
+            hi[j] = d * (q >> 4) as f32 + m;
+        }
+    }
+}
+
+/// A linear layer without bias: `out_features` x `in_features`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Weight,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl Linear {
+    pub fn new(weight: Weight, out_features: usize, in_features: usize) -> crate::Result<Self> {
+        let expect = match &weight {
+            Weight::F32(v) => v.len() * 4,
+            _ => {
+                if in_features % QK != 0 {
+                    return Err(crate::EngineError::Load(format!(
+                        "{} weight with in_features {in_features} not a multiple of {QK}",
+                        weight.format_name()
+                    )));
+                }
+                weight.storage_bytes()
+            }
+        };
+        if expect != weight.row_bytes(in_features) * out_features {
+            return Err(crate::EngineError::Load(format!(
+                "{} weight has {} bytes, expected {} for [{out_features}, {in_features}]",
+                weight.format_name(),
+                weight.storage_bytes(),
+                weight.row_bytes(in_features) * out_features
+            )));
+        }
+        Ok(Linear { weight, out_features, in_features })
+    }
+
+    /// `y[m, N] = x[m, K] · Wᵀ`.
+    pub fn forward(&self, pool: &ThreadPool, x: &[f32], m: usize, y: &mut [f32]) {
+        matmul(pool, x, m, self, y)
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges of `y` (see `matmul`).
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// `y[m, N] = x[m, K] · W[N, K]ᵀ` over the pool.
+pub fn matmul(pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32]) {
+    let (n, k) = (lin.out_features, lin.in_features);
+    assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
+    assert_eq!(y.len(), m * n, "matmul: y is not [{m}, {n}]");
+    if m == 0 {
+        return;
+    }
+    let nc = if m <= 16 { 16 } else { 64 };
+    let tasks = n.div_ceil(nc);
+    let yp = SendPtr(y.as_mut_ptr());
+    let kern = Kernel::detect();
+    pool.run(tasks, &|t| {
+        let n0 = t * nc;
+        let rows = nc.min(n - n0);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < rows * k {
+                s.resize(rows * k, 0.0);
+            }
+            let strip = &mut s[..rows * k];
+            lin.weight.dequant_rows(n0, k, strip);
+            let _ = &yp;
+            // SAFETY: this task writes only columns n0..n0+rows of each row of y, which
+            // no other task writes; x and the strip are valid for the sizes given.
+            unsafe { kern.run(x.as_ptr(), m, k, strip.as_ptr(), rows, yp.0.add(n0), n) };
+        });
+    });
+}
+
+/// The instruction-set path of the f32 kernels, chosen at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+static FORCED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+
+impl Kernel {
+    /// The best path this CPU has (or the one forced by [`Kernel::force`]).
+    pub fn detect() -> Kernel {
+        if let Some(k) = FORCED.get() {
+            return *k;
+        }
+        Self::best()
+    }
+
+    pub fn best() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Kernel::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+
+    /// Paths this CPU can run, best first.
+    pub fn available() -> Vec<Kernel> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Kernel::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                v.push(Kernel::Avx2);
+            }
+        }
+        v.push(Kernel::Portable);
+        v
+    }
+
+    /// Pins the process to one path (benchmarks; must be called before the first matmul).
+    pub fn force(k: Kernel) -> bool {
+        FORCED.set(k).is_ok()
+    }
+
+    /// `y[i, j] = dot(x[i, :], w[j, :])` for i < m, j < n; y has row stride `ldy`.
+    ///
+    /// # Safety
+    /// x: m*k floats, w: n*k floats, y: (m-1)*ldy + n floats, all valid.
+    pub unsafe fn run(self, x: *const f32, m: usize, k: usize, w: *const f32, n: usize, y: *mut f32, ldy: usize) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => x86::gemm_avx512(x, m, k, w, n, y, ldy),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => x86::gemm_avx2(x, m, k, w, n, y, ldy),
+            Kernel::Portable => portable::gemm(x, m, k, w, n, y, ldy),
+        }
+    }
+}
+
+/// Runs `tile::<MR, NR>` over the whole m x n output, with smaller tiles at the edges.
+macro_rules! tiled_driver {
+    ($tile:ident, $mr:expr, $nr:expr, $x:ident, $m:ident, $k:ident, $w:ident, $n:ident, $y:ident, $ldy:ident) => {{
+        let mut i = 0;
+        while i < $m {
+            let mr = ($m - i).min($mr);
+            let mut j = 0;
+            while j < $n {
+                let nr = ($n - j).min($nr);
+                let (xp, wp, yp) = ($x.add(i * $k), $w.add(j * $k), $y.add(i * $ldy + j));
+                match (mr, nr) {
+                    ($mr, $nr) => $tile::<$mr, $nr>(xp, $k, wp, yp, $ldy),
+                    (_, $nr) => tiled_driver!(@rows $tile, mr, $nr, xp, $k, wp, yp, $ldy),
+                    ($mr, _) => tiled_driver!(@cols $tile, $mr, nr, xp, $k, wp, yp, $ldy),
+                    _ => {
+                        for r in 0..mr {
+                            for c in 0..nr {
+                                $tile::<1, 1>(xp.add(r * $k), $k, wp.add(c * $k), yp.add(r * $ldy + c), $ldy);
+                            }
+                        }
+                    }
+                }
+                j += nr;
+            }
+            i += mr;
+        }
+    }};
+    (@rows $tile:ident, $mr:ident, $nr:expr, $xp:ident, $k:ident, $wp:ident, $yp:ident, $ldy:ident) => {
+        match $mr {
+            1 => $tile::<1, $nr>($xp, $k, $wp, $yp, $ldy),
+            2 => $tile::<2, $nr>($xp, $k, $wp, $yp, $ldy),
+            _ => $tile::<3, $nr>($xp, $k, $wp, $yp, $ldy),
+        }
+    };
+    (@cols $tile:ident, $mr:expr, $nr:ident, $xp:ident, $k:ident, $wp:ident, $yp:ident, $ldy:ident) => {
+        for c in 0..$nr {
+            $tile::<$mr, 1>($xp, $k, $wp.add(c * $k), $yp.add(c), $ldy);
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// One MR x NR block of outputs over the full K: lanes accumulate k ≡ lane (mod 16),
+    /// then a fixed horizontal sum, then the scalar tail.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile512<const MR: usize, const NR: usize>(x: *const f32, k: usize, w: *const f32, y: *mut f32, ldy: usize) {
+        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+        let kv = k / 16 * 16;
+        let mut p = 0;
+        while p < kv {
+            let mut wv = [_mm512_setzero_ps(); NR];
+            for c in 0..NR {
+                wv[c] = _mm512_loadu_ps(w.add(c * k + p));
+            }
+            for r in 0..MR {
+                let xv = _mm512_loadu_ps(x.add(r * k + p));
+                for c in 0..NR {
+                    acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+                }
+            }
+            p += 16;
+        }
+        for r in 0..MR {
+            for c in 0..NR {
+                let mut s = _mm512_reduce_add_ps(acc[r][c]);
+                for q in kv..k {
+                    s += *x.add(r * k + q) * *w.add(c * k + q);
+                }
+                *y.add(r * ldy + c) = s;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemm_avx512(x: *const f32, m: usize, k: usize, w: *const f32, n: usize, y: *mut f32, ldy: usize) {
+        tiled_driver!(tile512, 4, 4, x, m, k, w, n, y, ldy)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps(v, 1);
+        let lo = _mm256_castps256_ps128(v);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile256<const MR: usize, const NR: usize>(x: *const f32, k: usize, w: *const f32, y: *mut f32, ldy: usize) {
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let kv = k / 8 * 8;
+        let mut p = 0;
+        while p < kv {
+            let mut wv = [_mm256_setzero_ps(); NR];
+            for c in 0..NR {
+                wv[c] = _mm256_loadu_ps(w.add(c * k + p));
+            }
+            for r in 0..MR {
+                let xv = _mm256_loadu_ps(x.add(r * k + p));
+                for c in 0..NR {
+                    acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+                }
+            }
+            p += 8;
+        }
+        for r in 0..MR {
+            for c in 0..NR {
+                let mut s = hsum256(acc[r][c]);
+                for q in kv..k {
+                    s += *x.add(r * k + q) * *w.add(c * k + q);
+                }
+                *y.add(r * ldy + c) = s;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gemm_avx2(x: *const f32, m: usize, k: usize, w: *const f32, n: usize, y: *mut f32, ldy: usize) {
+        tiled_driver!(tile256, 4, 2, x, m, k, w, n, y, ldy)
+    }
+}
+
+mod portable {
+    const L: usize = 8;
+
+    unsafe fn tile<const MR: usize, const NR: usize>(x: *const f32, k: usize, w: *const f32, y: *mut f32, ldy: usize) {
+        let mut acc = [[[0f32; L]; NR]; MR];
+        let kv = k / L * L;
+        let mut p = 0;
+        while p < kv {
+            for r in 0..MR {
+                for c in 0..NR {
+                    for l in 0..L {
+                        acc[r][c][l] += *x.add(r * k + p + l) * *w.add(c * k + p + l);
+                    }
+                }
+            }
+            p += L;
+        }
+        for r in 0..MR {
+            for c in 0..NR {
+                let a = acc[r][c];
+                let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+                for q in kv..k {
+                    s += *x.add(r * k + q) * *w.add(c * k + q);
+                }
+                *y.add(r * ldy + c) = s;
+            }
+        }
+    }
+
+    pub unsafe fn gemm(x: *const f32, m: usize, k: usize, w: *const f32, n: usize, y: *mut f32, ldy: usize) {
+        tiled_driver!(tile, 2, 2, x, m, k, w, n, y, ldy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_kernel_path_matches_reference_on_odd_shapes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for kern in Kernel::available() {
+            for &(m, k, n) in &[(1, 576, 192), (3, 576, 67), (17, 1536, 33), (5, 13, 9), (128, 64, 130), (2, 7, 1)] {
+                let x = rand_vec(&mut rng, m * k);
+                let w = rand_vec(&mut rng, n * k);
+                let mut y = vec![f32::NAN; m * n];
+                unsafe { kern.run(x.as_ptr(), m, k, w.as_ptr(), n, y.as_mut_ptr(), n) };
+                let r = reference(&x, m, k, &w, n);
+                for (a, b) in y.iter().zip(&r) {
+                    assert!((a - b).abs() <= 1e-4 * (k as f32).sqrt(), "{kern:?} m={m} k={k} n={n}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn output_rows_do_not_depend_on_batch_size() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let pool = ThreadPool::new(2);
+        let (k, n) = (576, 200);
+        let lin = Linear::new(Weight::F32(rand_vec(&mut rng, n * k)), n, k).unwrap();
+        let x = rand_vec(&mut rng, 37 * k);
+        let mut all = vec![0f32; 37 * n];
+        matmul(&pool, &x, 37, &lin, &mut all);
+        for i in [0usize, 5, 36] {
+            let mut one = vec![0f32; n];
+            matmul(&pool, &x[i * k..(i + 1) * k], 1, &lin, &mut one);
+            assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
+        }
+    }
+
+    fn quantize_q4_1(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in w.chunks_exact(QK) {
+            let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+            let d = (mx - mn) / 15.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(mn).to_le_bytes());
+            for j in 0..QK / 2 {
+                let q0 = ((blk[j] - mn) * id).round().clamp(0.0, 15.0) as u8;
+                let q1 = ((blk[j + 16] - mn) * id).round().clamp(0.0, 15.0) as u8;
+                out.push(q0 | (q1 << 4));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn q4_1_dequantizes_like_candle() {
+        use candle_core::quantized::GgmlDType;
+        use candle_core::Device;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (n, k) = (4, 64);
+        let raw = quantize_q4_1(&rand_vec(&mut rng, n * k));
+        let qt = candle_core::quantized::QTensor::new(
+            candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(&raw[..]), &Device::Cpu, GgmlDType::Q4_1).unwrap(),
+            (n, k),
+        )
+        .unwrap();
+        let want: Vec<f32> = qt.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let mut got = vec![0f32; n * k];
+        Weight::Q4_1(raw).dequant_rows(0, k, &mut got);
+        assert_eq!(got, want);
+    }
+}

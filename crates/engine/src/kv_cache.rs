@@ -1,0 +1,160 @@
+//! Paged KV cache: a pool of fixed-size blocks and the per-layer K/V storage.
+//!
+//! ```text
+//! token position p of a request  ──►  block_table[p / block_size], offset p % block_size
+//! slot = block_id * block_size + offset
+//! layer storage  K, V: [num_blocks, block_size, num_kv_heads, head_dim]  (f32)
+//!                      └──────── slot ────────┘
+//! ```
+
+/// Index of a block in the pool; issued by [`BlockPool::allocate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u32);
+
+#[derive(Debug, Clone)]
+struct Block {
+    ref_count: u32,
+}
+
+/// Flat pool of blocks with a free stack and reference counts; O(1) allocate and free.
+#[derive(Debug)]
+pub struct BlockPool {
+    blocks: Vec<Block>,
+    free: Vec<BlockId>,
+}
+
+impl BlockPool {
+    pub fn new(num_blocks: usize) -> Self {
+        BlockPool {
+            blocks: vec![Block { ref_count: 0 }; num_blocks],
+            // Reverse so that low ids are handed out first.
+            free: (0..num_blocks as u32).rev().map(BlockId).collect(),
+        }
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn num_used(&self) -> usize {
+        self.blocks.len() - self.free.len()
+    }
+
+    pub fn allocate(&mut self) -> Option<BlockId> {
+        let id = self.free.pop()?;
+        let b = &mut self.blocks[id.0 as usize];
+        debug_assert_eq!(b.ref_count, 0);
+        b.ref_count = 1;
+        Some(id)
+    }
+
+    /// Drops one reference; the block returns to the free list at zero.
+    /// Panics on a double free: that is an engine bug, never input-driven.
+    pub fn free(&mut self, id: BlockId) {
+        let b = &mut self.blocks[id.0 as usize];
+        assert!(b.ref_count > 0, "double free of block {}", id.0);
+        b.ref_count -= 1;
+        if b.ref_count == 0 {
+            self.free.push(id);
+        }
+    }
+
+    pub fn ref_count(&self, id: BlockId) -> u32 {
+        self.blocks[id.0 as usize].ref_count
+    }
+}
+
+/// Shape of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Bytes per cached token over all layers, K and V, f32.
+    pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
+        2 * num_layers * num_kv_heads * head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Floats in one slot (one token of one layer, K or V).
+    pub fn slot_floats(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+/// Per-layer K and V storage.
+pub struct KvCache {
+    pub layout: KvLayout,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl KvCache {
+    pub fn new(layout: KvLayout) -> Self {
+        let n = layout.num_blocks * layout.block_size * layout.slot_floats();
+        KvCache {
+            layout,
+            k: (0..layout.num_layers).map(|_| vec![0f32; n]).collect(),
+            v: (0..layout.num_layers).map(|_| vec![0f32; n]).collect(),
+        }
+    }
+
+    /// Writes K and V of `tokens` rows (`[tokens, kv_heads * head_dim]`) into their slots.
+    pub fn write(&mut self, layer: usize, slots: &[usize], k: &[f32], v: &[f32]) {
+        let sf = self.layout.slot_floats();
+        let (kc, vc) = (&mut self.k[layer], &mut self.v[layer]);
+        for (t, &slot) in slots.iter().enumerate() {
+            kc[slot * sf..(slot + 1) * sf].copy_from_slice(&k[t * sf..(t + 1) * sf]);
+            vc[slot * sf..(slot + 1) * sf].copy_from_slice(&v[t * sf..(t + 1) * sf]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn randomized_allocate_free_keeps_counts_consistent() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut pool = BlockPool::new(64);
+        let mut held: Vec<BlockId> = Vec::new();
+        for _ in 0..20_000 {
+            if rng.random_bool(0.55) {
+                match pool.allocate() {
+                    Some(id) => {
+                        assert!(!held.contains(&id), "block {id:?} handed out twice");
+                        held.push(id)
+                    }
+                    None => assert_eq!(held.len(), 64),
+                }
+            } else if !held.is_empty() {
+                let i = rng.random_range(0..held.len());
+                pool.free(held.swap_remove(i));
+            }
+            assert_eq!(pool.num_used(), held.len());
+        }
+        for id in held.drain(..) {
+            pool.free(id);
+        }
+        assert_eq!(pool.num_free(), 64);
+    }
+
+    #[test]
+    #[should_panic(expected = "double free")]
+    fn double_free_is_caught() {
+        let mut pool = BlockPool::new(2);
+        let id = pool.allocate().unwrap();
+        pool.free(id);
+        pool.free(id);
+    }
+}

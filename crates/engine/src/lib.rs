@@ -1,0 +1,20 @@
+//! tessera's engine: everything that turns token ids into token ids. No HTTP here.
+//!
+//! The public surface is [`EngineHandle`] (an actor handle around the engine thread),
+//! [`GenerateRequest`] / [`SamplingParams`] going in and [`TokenEvent`] coming out.
+
+pub mod chat;
+pub mod config;
+pub mod cpu;
+pub mod detok;
+pub mod error;
+pub mod handle;
+pub mod kv_cache;
+pub mod request;
+pub mod threadpool;
+pub mod tokenizer;
+
+pub use config::EngineConfig;
+pub use error::{EngineError, Result};
+pub use handle::{EngineHandle, EngineStats, ModelInfo, RequestId, RequestStream, StepObserver, StepStats};
+pub use request::{FinishInfo, FinishReason, GenerateRequest, SamplingParams, TokenEvent, TokenLogprob};
