@@ -1,0 +1,389 @@
+//! The engine thread: takes commands from [`EngineHandle`]s, runs steps, and sends each
+//! request's [`TokenEvent`]s to its receiver.
+//!
+//! ```text
+//! loop: commands ─► cancellations ─► scheduler.schedule() ─► model.forward(batch)
+//!       ─► sample rows ─► scheduler.update() ─► detokenize, stop checks ─► TokenEvents
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::chat::ChatTemplate;
+use crate::config::EngineConfig;
+use crate::detok::IncrementalDecoder;
+use crate::handle::{Command, EngineHandle, EngineStats, ModelInfo, RequestId, Shared, StepStats};
+use crate::kv_cache::{KvCache, KvLayout};
+use crate::loader;
+use crate::model::{BatchInput, LlamaModel, SeqInput};
+use crate::request::{FinishInfo, FinishReason, SamplingParams, TokenEvent};
+use crate::sampler::{self, SamplerState};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
+use crate::stop::StopMatcher;
+use crate::threadpool::ThreadPool;
+use crate::tokenizer::Tokenizer;
+use crate::{EngineError, Result};
+
+pub struct Engine;
+
+impl Engine {
+    /// Loads the model (blocking) and starts the engine thread.
+    pub fn start(cfg: EngineConfig) -> Result<EngineHandle> {
+        let loaded = loader::load(&cfg.model)?;
+        let (model, tokenizer) = (loaded.model, Arc::new(loaded.tokenizer));
+        let mc = &model.config;
+        if cfg.block_size == 0 {
+            return Err(EngineError::Load("block_size must be at least 1".into()));
+        }
+        let max_model_len = match cfg.max_model_len {
+            Some(n) if n > mc.max_position_embeddings => {
+                return Err(EngineError::Load(format!(
+                    "max_model_len {n} is larger than the model's context length {}",
+                    mc.max_position_embeddings
+                )))
+            }
+            Some(0) => return Err(EngineError::Load("max_model_len must be at least 1".into())),
+            Some(n) => n,
+            None => mc.max_position_embeddings,
+        };
+        let per_token = KvLayout::bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim);
+        let num_blocks = cfg.kv_cache_bytes / (per_token * cfg.block_size);
+        if num_blocks == 0 {
+            return Err(EngineError::Load(format!(
+                "kv_cache_bytes {} holds no block of {} tokens ({} bytes per token)",
+                cfg.kv_cache_bytes, cfg.block_size, per_token
+            )));
+        }
+        let layout = KvLayout { num_layers: mc.num_layers, num_blocks, block_size: cfg.block_size, num_kv_heads: mc.num_kv_heads, head_dim: mc.head_dim };
+        let chat_template = match tokenizer.chat_template() {
+            Some(src) => {
+                let tok_text = |id: Option<u32>| id.map(|i| tokenizer.token_str(i)).unwrap_or_default();
+                let eos = tok_text(tokenizer.eos_ids().first().copied());
+                Some(Arc::new(ChatTemplate::new(src, &tok_text(tokenizer.bos_id()), &eos)?))
+            }
+            None => None,
+        };
+        let info = ModelInfo {
+            name: mc.name.clone(),
+            max_model_len,
+            vocab_size: mc.vocab_size,
+            kv_cache_tokens: num_blocks * cfg.block_size,
+            kv_bytes_per_token: per_token,
+            block_size: cfg.block_size,
+            num_blocks,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let queued = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(Shared {
+            tx,
+            info: info.clone(),
+            tokenizer: tokenizer.clone(),
+            chat_template,
+            stats: stats.clone(),
+            next_id: AtomicU64::new(0),
+            accepting: AtomicBool::new(true),
+            queued: queued.clone(),
+            max_queued: cfg.max_queued_requests,
+        });
+        let sched = Scheduler::new(
+            SchedulerConfig { max_num_seqs: cfg.max_num_seqs.max(1), max_num_batched_tokens: cfg.max_num_batched_tokens.max(1), block_size: cfg.block_size },
+            num_blocks,
+        );
+        let mut lp = EngineLoop {
+            pool: ThreadPool::new(cfg.threads.max(1)),
+            cache: KvCache::new(layout),
+            model,
+            tokenizer,
+            sched,
+            reqs: HashMap::new(),
+            stats,
+            queued,
+            observer: cfg.observer.clone(),
+            max_model_len,
+        };
+        std::thread::Builder::new()
+            .name("tessera-engine".into())
+            .spawn(move || lp.run(rx))
+            .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
+        tracing::info!(
+            model = %info.name,
+            max_model_len,
+            kv_blocks = num_blocks,
+            block_size = cfg.block_size,
+            kv_cache_tokens = info.kv_cache_tokens,
+            kv_bytes_per_token = per_token,
+            threads = cfg.threads,
+            "engine started"
+        );
+        Ok(EngineHandle { shared })
+    }
+}
+
+/// Output-side state of one request.
+struct ReqOut {
+    tx: mpsc::UnboundedSender<TokenEvent>,
+    params: SamplingParams,
+    sampler: SamplerState,
+    detok: IncrementalDecoder,
+    stop: StopMatcher,
+    arrived: Instant,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+struct EngineLoop {
+    pool: ThreadPool,
+    cache: KvCache,
+    model: LlamaModel,
+    tokenizer: Arc<Tokenizer>,
+    sched: Scheduler,
+    reqs: HashMap<RequestId, ReqOut>,
+    stats: Arc<EngineStats>,
+    queued: Arc<AtomicUsize>,
+    observer: Option<Arc<dyn crate::handle::StepObserver>>,
+    max_model_len: usize,
+}
+
+impl EngineLoop {
+    fn run(&mut self, rx: std::sync::mpsc::Receiver<Command>) {
+        loop {
+            // Block while idle; otherwise take whatever has arrived.
+            if self.sched.is_idle() {
+                match rx.recv() {
+                    Ok(cmd) => {
+                        if !self.command(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                if !self.command(cmd) {
+                    return;
+                }
+            }
+            self.drop_cancelled();
+            if !self.sched.is_idle() {
+                self.step();
+            }
+            self.publish_gauges();
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add { id, req, tx, arrived } => {
+                let sampler = SamplerState::new(&req.params, &req.prompt_ids);
+                let out = ReqOut {
+                    tx,
+                    detok: IncrementalDecoder::new(req.params.skip_special_tokens),
+                    stop: StopMatcher::new(req.params.stop.clone()),
+                    params: req.params,
+                    sampler,
+                    arrived,
+                    first_scheduled: None,
+                    first_token: None,
+                };
+                self.reqs.insert(id, out);
+                self.sched.add(id, req.prompt_ids);
+                true
+            }
+            Command::AbortAll => {
+                for id in self.sched.ids() {
+                    self.finish(id, FinishReason::Abort, None, String::new());
+                }
+                true
+            }
+            Command::Shutdown => {
+                for id in self.sched.ids() {
+                    self.finish(id, FinishReason::Abort, None, String::new());
+                }
+                self.publish_gauges();
+                false
+            }
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<RequestId> = self.reqs.iter().filter(|(_, r)| r.tx.is_closed()).map(|(id, _)| *id).collect();
+        for id in gone {
+            tracing::debug!(request = %id, "receiver dropped; cancelling");
+            self.finish(id, FinishReason::Abort, None, String::new());
+        }
+    }
+
+    fn step(&mut self) {
+        let t0 = Instant::now();
+        let out = self.sched.schedule();
+        if out.seqs.is_empty() {
+            return;
+        }
+        for id in &out.first_scheduled {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            if let Some(r) = self.reqs.get_mut(id) {
+                r.first_scheduled = Some(t0);
+            }
+        }
+        if !out.preempted.is_empty() {
+            self.stats.num_preemptions_total.fetch_add(out.preempted.len() as u64, Ordering::Relaxed);
+        }
+        let logits = self.forward(&out);
+        let vocab = self.model.config.vocab_size;
+        let mut sampled = HashMap::new();
+        let mut events = Vec::new();
+        for (row, s) in out.seqs.iter().filter(|s| s.sample).enumerate() {
+            let Some(r) = self.reqs.get_mut(&s.id) else { continue };
+            let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+            let (tok, lp) = sampler::sample(&mut l, &r.params, &mut r.sampler);
+            r.sampler.record(tok);
+            sampled.insert(s.id, tok);
+            events.push((s.id, tok, lp));
+        }
+        self.sched.update(&out, &sampled);
+        let now = Instant::now();
+        for (id, tok, lp) in events {
+            self.emit(id, tok, lp, now);
+        }
+        self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
+        if let Some(obs) = &self.observer {
+            let is_decode = |s: &&crate::scheduler::ScheduledSeq| s.len == 1 && s.start >= self.prompt_len(s.id);
+            let decode_rows = out.seqs.iter().filter(is_decode).count();
+            obs.on_step(&StepStats {
+                num_tokens: out.num_tokens,
+                num_prefill_tokens: out.num_tokens - decode_rows,
+                num_decode_rows: decode_rows,
+                num_running: self.sched.num_running(),
+                num_waiting: self.sched.num_waiting(),
+                kv_cache_usage: self.sched.pool.num_used() as f64 / self.sched.pool.num_blocks() as f64,
+                num_preempted: out.preempted.len(),
+                duration: t0.elapsed(),
+            });
+        }
+    }
+
+    fn prompt_len(&self, id: RequestId) -> usize {
+        self.sched.get(id).map_or(0, |s| s.prompt_len)
+    }
+
+    /// Builds the packed batch of the step and runs the model.
+    fn forward(&mut self, out: &SchedulerOutput) -> Vec<f32> {
+        let bs = self.sched.config.block_size;
+        let mut token_ids = Vec::with_capacity(out.num_tokens);
+        let mut positions = Vec::with_capacity(out.num_tokens);
+        let mut slots = Vec::with_capacity(out.num_tokens);
+        let mut logits_rows = Vec::new();
+        let mut tables: Vec<Vec<u32>> = Vec::with_capacity(out.seqs.len());
+        for s in &out.seqs {
+            let st = self.sched.get(s.id).expect("scheduled request exists");
+            let table: Vec<u32> = st.blocks.iter().map(|b| b.0).collect();
+            for p in s.start..s.start + s.len {
+                token_ids.push(st.tokens[p]);
+                positions.push(p);
+                slots.push(table[p / bs] as usize * bs + p % bs);
+            }
+            if s.sample {
+                logits_rows.push(token_ids.len() - 1);
+            }
+            tables.push(table);
+        }
+        let mut q0 = 0;
+        let seqs = out
+            .seqs
+            .iter()
+            .zip(&tables)
+            .map(|(s, t)| {
+                let si = SeqInput { query_start: q0, query_len: s.len, context_len: s.start + s.len, block_table: t };
+                q0 += s.len;
+                si
+            })
+            .collect();
+        let batch = BatchInput { token_ids: &token_ids, positions: &positions, seqs, slot_mapping: &slots, logits_rows: &logits_rows };
+        self.model.forward(&self.pool, &batch, &mut self.cache)
+    }
+
+    /// Handles a sampled token: text, stop checks, the event, and finishing.
+    fn emit(&mut self, id: RequestId, tok: u32, lp: Option<crate::request::TokenLogprob>, now: Instant) {
+        let Some(st) = self.sched.get(id) else { return };
+        let (n_out, n_tokens) = (st.num_output(), st.tokens.len());
+        let Some(r) = self.reqs.get_mut(&id) else { return };
+        r.first_token.get_or_insert(now);
+        let is_eos = !r.params.ignore_eos && self.tokenizer.eos_ids().contains(&tok);
+        let is_stop_tok = r.params.stop_token_ids.contains(&tok);
+        let mut text = String::new();
+        let mut finish: Option<(FinishReason, Option<String>)> = None;
+        if is_eos || is_stop_tok {
+            finish = Some((FinishReason::Stop, is_stop_tok.then(|| self.tokenizer.token_str(tok))));
+        } else {
+            let piece = r.detok.push(&self.tokenizer, tok);
+            let pushed = r.stop.push(&piece);
+            text = pushed.emit;
+            if let Some(s) = pushed.stopped {
+                finish = Some((FinishReason::Stop, Some(s)));
+            }
+        }
+        if finish.is_none() && (n_out >= r.params.max_tokens || n_tokens >= self.max_model_len) {
+            finish = Some((FinishReason::Length, None));
+        }
+        let ev = TokenEvent { text, token_ids: vec![tok], logprobs: lp.into_iter().collect(), finish: None };
+        match finish {
+            None => {
+                if r.tx.send(ev).is_err() {
+                    self.finish(id, FinishReason::Abort, None, String::new());
+                }
+            }
+            Some((reason, by)) => {
+                let stopped_by_string = reason == FinishReason::Stop && by.is_some() && !is_stop_tok;
+                let mut ev = ev;
+                if !stopped_by_string {
+                    let rest = r.detok.flush();
+                    let tail = r.stop.push(&rest);
+                    ev.text.push_str(&tail.emit);
+                    if tail.stopped.is_none() {
+                        ev.text.push_str(&r.stop.flush());
+                    }
+                }
+                self.finish_with(id, reason, by, ev);
+            }
+        }
+    }
+
+    /// Ends a request with an event that carries only the finish (and `text`).
+    fn finish(&mut self, id: RequestId, reason: FinishReason, by: Option<String>, text: String) {
+        let ev = TokenEvent { text, token_ids: Vec::new(), logprobs: Vec::new(), finish: None };
+        self.finish_with(id, reason, by, ev);
+    }
+
+    fn finish_with(&mut self, id: RequestId, reason: FinishReason, stopped_by: Option<String>, mut ev: TokenEvent) {
+        let st = self.sched.finish(id);
+        let Some(r) = self.reqs.remove(&id) else { return };
+        if r.first_scheduled.is_none() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        let (prompt_tokens, completion_tokens, preemptions) = st.map_or((0, 0, 0), |s| (s.prompt_len, s.num_output(), s.preemptions));
+        ev.finish = Some(FinishInfo {
+            reason,
+            stopped_by,
+            prompt_tokens,
+            completion_tokens,
+            arrived: r.arrived,
+            first_scheduled: r.first_scheduled,
+            first_token: r.first_token,
+            finished: Instant::now(),
+            preemptions,
+        });
+        let _ = r.tx.send(ev);
+    }
+
+    fn publish_gauges(&self) {
+        self.stats.num_running.store(self.sched.num_running(), Ordering::Relaxed);
+        self.stats.num_waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
+        self.stats.used_blocks.store(self.sched.pool.num_used(), Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,243 @@
+//! Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): GQA/MQA through `num_kv_heads`,
+//! RoPE, RMSNorm, SwiGLU, tied or separate output embeddings.
+//!
+//! The forward takes a packed batch: all tokens of a step as one `[num_tokens, hidden]`
+//! matrix; every linear layer is one matmul over all of them; attention alone is per
+//! sequence through the paged KV cache.
+
+use crate::cpu::attention::{paged_attention, AttnParams, SeqAttn};
+use crate::cpu::matmul::Linear;
+use crate::cpu::ops::{self, Rope};
+use crate::kv_cache::KvCache;
+use crate::threadpool::ThreadPool;
+
+/// RoPE frequency scaling from the model config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear { factor: f32 },
+    /// Llama 3.x wavelength-dependent scaling.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: usize },
+}
+
+/// Resolved model configuration: no options left.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    /// GGUF llama weights rotate interleaved pairs; HF weights rotate halves.
+    pub rope_interleaved: bool,
+    pub max_position_embeddings: usize,
+}
+
+impl ModelConfig {
+    pub fn check(&self) -> crate::Result<()> {
+        let bad = |m: String| Err(crate::EngineError::Load(m));
+        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!("num_heads {} is not a multiple of num_kv_heads {}", self.num_heads, self.num_kv_heads));
+        }
+        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+            return bad(format!("head_dim {} must be even", self.head_dim));
+        }
+        if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {
+            return bad("model config has a zero size".into());
+        }
+        Ok(())
+    }
+
+    /// `inv_freq[i]` for the rotary half-dimension, with the scaling applied.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / (self.rope_theta as f64).powf(2.0 * i as f64 / d as f64)).collect();
+        match &self.rope_scaling {
+            RopeScaling::None => base.iter().map(|&f| f as f32).collect(),
+            RopeScaling::Linear { factor } => base.iter().map(|&f| (f / *factor as f64) as f32).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                let (factor, lo, hi) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
+                let old = *original_max_position as f64;
+                let (low_wl, high_wl) = (old / lo, old / hi);
+                base.iter()
+                    .map(|&f| {
+                        let wl = 2.0 * std::f64::consts::PI / f;
+                        let v = if wl < high_wl {
+                            f
+                        } else if wl > low_wl {
+                            f / factor
+                        } else {
+                            let smooth = (old / wl - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        };
+                        v as f32
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_bias: Option<Vec<f32>>,
+    pub k_bias: Option<Vec<f32>>,
+    pub v_bias: Option<Vec<f32>>,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Vec<f32>,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Vec<f32>,
+    pub mlp: Mlp,
+}
+
+pub struct LlamaModel {
+    pub config: ModelConfig,
+    /// `[vocab, hidden]`, read a row at a time.
+    pub embed_tokens: Linear,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Vec<f32>,
+    /// `[vocab, hidden]`; the embedding matrix when tied.
+    pub lm_head: Linear,
+    pub rope: Rope,
+}
+
+/// One sequence of a packed step.
+#[derive(Debug, Clone)]
+pub struct SeqInput<'a> {
+    /// First row of this sequence in the packed token matrix.
+    pub query_start: usize,
+    /// Tokens of this sequence in the step.
+    pub query_len: usize,
+    /// Tokens in the cache after this step (computed before + query_len).
+    pub context_len: usize,
+    pub block_table: &'a [u32],
+}
+
+/// Everything one forward needs. See the layout note in `kv_cache`.
+#[derive(Debug, Clone)]
+pub struct BatchInput<'a> {
+    pub token_ids: &'a [u32],
+    pub positions: &'a [usize],
+    pub seqs: Vec<SeqInput<'a>>,
+    /// Cache slot of every token.
+    pub slot_mapping: &'a [usize],
+    /// Rows of the packed matrix whose logits are wanted, in output order.
+    pub logits_rows: &'a [usize],
+}
+
+struct Ptr(*mut f32);
+// SAFETY: tasks below write disjoint rows.
+unsafe impl Sync for Ptr {}
+
+/// Runs `f(row)` over the rows of a `[rows, width]` buffer in parallel chunks.
+fn par_rows(pool: &ThreadPool, buf: &mut [f32], width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let rows = buf.len() / width.max(1);
+    const CHUNK: usize = 8;
+    let p = Ptr(buf.as_mut_ptr());
+    pool.run(rows.div_ceil(CHUNK), &|c| {
+        let _ = &p;
+        for r in c * CHUNK..((c + 1) * CHUNK).min(rows) {
+            // SAFETY: row r belongs to this chunk only.
+            let row = unsafe { std::slice::from_raw_parts_mut(p.0.add(r * width), width) };
+            f(r, row);
+        }
+    });
+}
+
+impl LlamaModel {
+    /// Packed forward over one step; returns `[logits_rows.len(), vocab]` logits.
+    pub fn forward(&self, pool: &ThreadPool, batch: &BatchInput<'_>, cache: &mut KvCache) -> Vec<f32> {
+        let c = &self.config;
+        let (t, hdim) = (batch.token_ids.len(), c.hidden_size);
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let mut x = vec![0f32; t * hdim];
+        for (row, &id) in x.chunks_exact_mut(hdim).zip(batch.token_ids) {
+            self.embed_tokens.weight.dequant_rows(id as usize, hdim, row);
+        }
+        let mut h = vec![0f32; t * hdim];
+        let (mut q, mut k, mut v) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
+        let mut attn = vec![0f32; t * qd];
+        let (mut gate, mut up) = (vec![0f32; t * c.intermediate_size], vec![0f32; t * c.intermediate_size]);
+        let seqs: Vec<SeqAttn<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| SeqAttn { query_start: s.query_start, query_len: s.query_len, context_len: s.context_len, block_table: s.block_table })
+            .collect();
+        let params = AttnParams {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size: cache.layout.block_size,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            sliding_window: None,
+            softcap: None,
+            alibi_slopes: None,
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps, 0.0, &mut h);
+            let a = &layer.self_attn;
+            a.q_proj.forward(pool, &h, t, &mut q);
+            a.k_proj.forward(pool, &h, t, &mut k);
+            a.v_proj.forward(pool, &h, t, &mut v);
+            for (buf, bias) in [(&mut q, &a.q_bias), (&mut k, &a.k_bias), (&mut v, &a.v_bias)] {
+                if let Some(b) = bias {
+                    buf.chunks_exact_mut(b.len()).for_each(|r| ops::add_inplace(r, b));
+                }
+            }
+            for (i, &pos) in batch.positions.iter().enumerate() {
+                self.rope.apply(&mut q[i * qd..(i + 1) * qd], c.head_dim, pos);
+                self.rope.apply(&mut k[i * kvd..(i + 1) * kvd], c.head_dim, pos);
+            }
+            cache.write(li, batch.slot_mapping, &k, &v);
+            paged_attention(pool, &q, &cache.k[li], &cache.v[li], &seqs, &params, &mut attn);
+            a.o_proj.forward(pool, &attn, t, &mut h);
+            ops::add_inplace(&mut x, &h);
+            ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps, 0.0, &mut h);
+            layer.mlp.gate_proj.forward(pool, &h, t, &mut gate);
+            layer.mlp.up_proj.forward(pool, &h, t, &mut up);
+            let inter = c.intermediate_size;
+            par_rows(pool, &mut gate, inter, &|r, g| ops::silu_mul(g, &up[r * inter..(r + 1) * inter]));
+            layer.mlp.down_proj.forward(pool, &gate, t, &mut h);
+            ops::add_inplace(&mut x, &h);
+        }
+        let n = batch.logits_rows.len();
+        let mut rows = vec![0f32; n * hdim];
+        for (dst, &r) in rows.chunks_exact_mut(hdim).zip(batch.logits_rows) {
+            dst.copy_from_slice(&x[r * hdim..(r + 1) * hdim]);
+        }
+        ops::rms_norm_inplace(&mut rows, &self.norm, c.rms_norm_eps, 0.0);
+        let mut logits = vec![0f32; n * c.vocab_size];
+        self.lm_head.forward(pool, &rows, n, &mut logits);
+        logits
+    }
+
+    /// Bytes of weights read per decode step.
+    pub fn weight_bytes(&self) -> usize {
+        let lin = |l: &Linear| l.weight.storage_bytes();
+        let mut total = lin(&self.lm_head);
+        for l in &self.layers {
+            let a = &l.self_attn;
+            total += lin(&a.q_proj) + lin(&a.k_proj) + lin(&a.v_proj) + lin(&a.o_proj);
+            total += lin(&l.mlp.gate_proj) + lin(&l.mlp.up_proj) + lin(&l.mlp.down_proj);
+        }
+        total
+    }
+}

@@ -1,0 +1,113 @@
+//! Continuous batching does not change results: concurrency, arrival times, block sizes,
+//! chunking and preemption all give the tokens a request gets alone; cancellation frees
+//! every block.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use engine::{EngineConfig, GenerateRequest, SamplingParams};
+
+/// 16 prompts of different lengths, from the fixtures and slices of them.
+fn prompts() -> Vec<Vec<u32>> {
+    let g = golden("base.json");
+    let base: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(|p| ids(&p["prompt_ids"])).collect();
+    let mut out = base.clone();
+    for (i, p) in base.iter().enumerate() {
+        let cut = (p.len() / 2 + i).clamp(1, p.len());
+        out.push(p[..cut].to_vec());
+    }
+    out
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(60), "condition not reached in 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn concurrent_greedy_requests_equal_their_solo_runs() {
+    let h = start(EngineConfig { max_num_batched_tokens: 64, ..default_cfg() });
+    let ps = prompts();
+    let params = || SamplingParams { ignore_eos: true, ..SamplingParams::greedy(12) };
+    let solo: Vec<Vec<u32>> = ps.iter().map(|p| run(&h, p.clone(), params()).ids).collect();
+    // Arrive in four waves while earlier ones are mid-prefill or decoding.
+    let mut rxs = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        rxs.push(h.submit(GenerateRequest { prompt_ids: p.clone(), params: params() }).unwrap());
+        if i % 4 == 3 {
+            std::thread::sleep(Duration::from_millis(40));
+        }
+    }
+    let together: Vec<Vec<u32>> = rxs.into_iter().map(|rx| collect(rx).ids).collect();
+    for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "request {i} changed when batched");
+    }
+}
+
+#[test]
+fn seeded_sampling_is_independent_of_other_traffic() {
+    let h = start(default_cfg());
+    let p = prompts()[0].clone();
+    let params = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(1234), ignore_eos: true, ..SamplingParams::greedy(16) };
+    let alone = run(&h, p.clone(), params.clone()).ids;
+    let noise: Vec<_> = prompts()
+        .into_iter()
+        .skip(3)
+        .take(6)
+        .map(|q| h.submit(GenerateRequest { prompt_ids: q, params: SamplingParams { temperature: 1.0, ignore_eos: true, ..SamplingParams::greedy(20) } }).unwrap())
+        .collect();
+    let busy = run(&h, p, params).ids;
+    noise.into_iter().for_each(|rx| drop(collect(rx)));
+    assert_eq!(alone, busy);
+}
+
+#[test]
+fn block_sizes_1_16_64_and_forced_preemption_give_the_same_tokens() {
+    let ps: Vec<Vec<u32>> = prompts().into_iter().take(6).collect();
+    let params = || SamplingParams { ignore_eos: true, ..SamplingParams::greedy(10) };
+    let gen = |cfg: EngineConfig| -> (Vec<Vec<u32>>, u64) {
+        let h = start(cfg);
+        let rxs: Vec<_> = ps.iter().map(|p| h.submit(GenerateRequest { prompt_ids: p.clone(), params: params() }).unwrap()).collect();
+        let out = rxs.into_iter().map(|rx| collect(rx).ids).collect();
+        (out, h.stats().num_preemptions_total.load(Ordering::Relaxed))
+    };
+    let (reference, _) = gen(EngineConfig { block_size: 16, ..default_cfg() });
+    for bs in [1, 64] {
+        assert_eq!(gen(EngineConfig { block_size: bs, ..default_cfg() }).0, reference, "block size {bs}");
+    }
+    // Room for about 400 tokens: the six requests (up to ~340 tokens each) cannot all run.
+    let per_token = 2 * 30 * 3 * 64 * 4;
+    let (tight, preemptions) = gen(EngineConfig { block_size: 16, kv_cache_bytes: per_token * 400, ..default_cfg() });
+    assert!(preemptions > 0, "the small cache was expected to force preemption");
+    assert_eq!(tight, reference, "preemption changed the tokens");
+}
+
+#[test]
+fn dropping_the_receiver_cancels_and_frees_every_block() {
+    let h = start(default_cfg());
+    let p = prompts()[4].clone();
+    let mut rxs: Vec<_> = (0..4)
+        .map(|_| h.submit(GenerateRequest { prompt_ids: p.clone(), params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(500) } }).unwrap())
+        .collect();
+    // Let them start decoding, then hang up.
+    let _ = rxs[0].blocking_recv().unwrap();
+    assert!(h.stats().used_blocks.load(Ordering::Relaxed) > 0);
+    drop(rxs);
+    wait_until(|| h.stats().used_blocks.load(Ordering::Relaxed) == 0 && h.stats().num_running.load(Ordering::Relaxed) == 0);
+}
+
+#[test]
+fn impossible_requests_are_refused_at_submit_with_the_numbers() {
+    let h = start(EngineConfig { max_model_len: Some(100), ..default_cfg() });
+    let err = h.submit(GenerateRequest { prompt_ids: vec![1; 90], params: SamplingParams::greedy(20) }).err().expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("100") && msg.contains("110") && msg.contains("90"), "{msg}");
+    let err = h.submit(GenerateRequest { prompt_ids: vec![], params: SamplingParams::greedy(2) }).err().expect("refused");
+    assert!(matches!(err, engine::EngineError::InvalidParam { .. }));
+}
