@@ -180,6 +180,7 @@ impl EngineLoop {
     fn command(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Add { id, req, tx, arrived } => {
+                let req = *req;
                 let sampler = SamplerState::new(&req.params, &req.prompt_ids);
                 let out = ReqOut {
                     tx,

@@ -72,7 +72,7 @@ pub trait StepObserver: Send + Sync {
 }
 
 pub(crate) enum Command {
-    Add { id: RequestId, req: GenerateRequest, tx: mpsc::UnboundedSender<TokenEvent>, arrived: std::time::Instant },
+    Add { id: RequestId, req: Box<GenerateRequest>, tx: mpsc::UnboundedSender<TokenEvent>, arrived: std::time::Instant },
     AbortAll,
     Shutdown,
 }
@@ -156,7 +156,7 @@ impl EngineHandle {
         let id = RequestId(s.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
         let arrived = std::time::Instant::now();
-        if s.tx.send(Command::Add { id, req, tx, arrived }).is_err() {
+        if s.tx.send(Command::Add { id, req: Box::new(req), tx, arrived }).is_err() {
             s.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Unavailable("the engine thread has stopped".into()));
         }

@@ -43,10 +43,10 @@ pub struct ModelConfig {
 impl ModelConfig {
     pub fn check(&self) -> crate::Result<()> {
         let bad = |m: String| Err(crate::EngineError::Load(m));
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!("num_heads {} is not a multiple of num_kv_heads {}", self.num_heads, self.num_kv_heads));
         }
-        if self.head_dim % 2 != 0 || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim == 0 {
             return bad(format!("head_dim {} must be even", self.head_dim));
         }
         if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {

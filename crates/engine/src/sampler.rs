@@ -169,9 +169,9 @@ mod tests {
     fn greedy_takes_argmax_and_bias_can_move_it() {
         let mut p = SamplingParams::greedy(1);
         let mut st = SamplerState::new(&p, &[]);
-        assert_eq!(sample(&mut vec![0.1, 3.0, 2.0], &p, &mut st).0, 1);
+        assert_eq!(sample(&mut [0.1, 3.0, 2.0], &p, &mut st).0, 1);
         p.logit_bias = vec![(2, 5.0)];
-        assert_eq!(sample(&mut vec![0.1, 3.0, 2.0], &p, &mut st).0, 2);
+        assert_eq!(sample(&mut [0.1, 3.0, 2.0], &p, &mut st).0, 2);
     }
 
     #[test]
@@ -222,7 +222,7 @@ mod tests {
     fn logprobs_report_top_alternatives_in_order() {
         let p = SamplingParams { logprobs: Some(2), ..SamplingParams::greedy(1) };
         let mut st = SamplerState::new(&p, &[]);
-        let (t, lp) = sample(&mut vec![1.0, 3.0, 2.0], &p, &mut st);
+        let (t, lp) = sample(&mut [1.0, 3.0, 2.0], &p, &mut st);
         let lp = lp.unwrap();
         assert_eq!(t, 1);
         assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 2]);

@@ -73,9 +73,19 @@ pub fn paged_attention(
     pool.run(items.len(), &|i| {
         let (s, g, qb) = items[i];
         let _ = &o;
+        let ctx = Ctx { q, kc: k_cache, vc: v_cache, p, out: o.0 };
         // SAFETY: each item writes the rows of its own queries and heads only.
-        unsafe { attend_item(q, k_cache, v_cache, &seqs[s], p, g, qb, o.0) };
+        unsafe { attend_item(&ctx, &seqs[s], g, qb) };
     });
+}
+
+/// What every work item of one attention call shares.
+struct Ctx<'a> {
+    q: &'a [f32],
+    kc: &'a [f32],
+    vc: &'a [f32],
+    p: &'a AttnParams<'a>,
+    out: *mut f32,
 }
 
 #[inline(always)]
@@ -96,55 +106,26 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_item(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    seq: &SeqAttn<'_>,
-    p: &AttnParams<'_>,
-    g: usize,
-    qb: usize,
-    out: *mut f32,
-) {
+unsafe fn attend_item(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
-            return attend_item_avx2(q, kc, vc, seq, p, g, qb, out);
+            return attend_item_avx2(ctx, seq, g, qb);
         }
     }
-    attend_item_generic(q, kc, vc, seq, p, g, qb, out)
+    attend_item_generic(ctx, seq, g, qb)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_item_avx2(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    seq: &SeqAttn<'_>,
-    p: &AttnParams<'_>,
-    g: usize,
-    qb: usize,
-    out: *mut f32,
-) {
-    attend_item_generic(q, kc, vc, seq, p, g, qb, out)
+unsafe fn attend_item_avx2(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
+    attend_item_generic(ctx, seq, g, qb)
 }
 
 /// No FMA contraction happens in Rust, so this computes the same bits on every path.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_item_generic(
-    q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    seq: &SeqAttn<'_>,
-    p: &AttnParams<'_>,
-    g: usize,
-    qb: usize,
-    out: *mut f32,
-) {
+unsafe fn attend_item_generic(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
+    let Ctx { q, kc, vc, p, out } = *ctx;
     let d = p.head_dim;
     let group = p.num_heads / p.num_kv_heads;
     let row = p.num_heads * d;
@@ -231,8 +212,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Full-softmax attention over contiguous K/V of one sequence, in f64.
-    #[allow(clippy::too_many_arguments)]
-    fn naive(q: &[f32], k: &[f32], v: &[f32], ctx: usize, qlen: usize, p: &AttnParams<'_>) -> Vec<f32> {
+        fn naive(q: &[f32], k: &[f32], v: &[f32], ctx: usize, qlen: usize, p: &AttnParams<'_>) -> Vec<f32> {
         let (d, h, kvh) = (p.head_dim, p.num_heads, p.num_kv_heads);
         let mut out = vec![0f32; qlen * h * d];
         for i in 0..qlen {

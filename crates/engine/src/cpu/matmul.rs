@@ -136,7 +136,7 @@ impl Linear {
         let expect = match &weight {
             Weight::F32(v) => v.len() * 4,
             _ => {
-                if in_features % QK != 0 {
+                if !in_features.is_multiple_of(QK) {
                     return Err(crate::EngineError::Load(format!(
                         "{} weight with in_features {in_features} not a multiple of {QK}",
                         weight.format_name()
@@ -171,6 +171,10 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
+/// Up to this many rows, quantized weights are expanded in registers (read once from
+/// memory); above it, a strip is dequantized once and reused for every row.
+const FUSED_MAX_M: usize = 8;
+
 /// `y[m, N] = x[m, K] · W[N, K]ᵀ` over the pool.
 pub fn matmul(pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32]) {
     let (n, k) = (lin.out_features, lin.in_features);
@@ -186,6 +190,13 @@ pub fn matmul(pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32
     pool.run(tasks, &|t| {
         let n0 = t * nc;
         let rows = nc.min(n - n0);
+        let _ = &yp;
+        // SAFETY: this task writes only columns n0..n0+rows of each row of y, which no
+        // other task writes; x and the weight rows are valid for the sizes given.
+        let args = GemmArgs { x: x.as_ptr(), m, k, y: unsafe { yp.0.add(n0) }, ldy: n };
+        if m <= FUSED_MAX_M && unsafe { kern.run_fused(&args, &lin.weight, n0, rows) } {
+            return;
+        }
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < rows * k {
@@ -196,9 +207,19 @@ pub fn matmul(pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32
             let _ = &yp;
             // SAFETY: this task writes only columns n0..n0+rows of each row of y, which
             // no other task writes; x and the strip are valid for the sizes given.
-            unsafe { kern.run(x.as_ptr(), m, k, strip.as_ptr(), rows, yp.0.add(n0), n) };
+            unsafe { kern.run(&args, strip.as_ptr(), rows) };
         });
     });
+}
+
+/// The activation side of one kernel call: `x[m, k]` in, `y` rows of stride `ldy` out.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmArgs {
+    pub x: *const f32,
+    pub m: usize,
+    pub k: usize,
+    pub y: *mut f32,
+    pub ldy: usize,
 }
 
 /// The instruction-set path of the f32 kernels, chosen at run time.
@@ -225,10 +246,10 @@ impl Kernel {
     pub fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c") {
                 return Kernel::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
                 return Kernel::Avx2;
             }
         }
@@ -240,10 +261,10 @@ impl Kernel {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c") {
                 v.push(Kernel::Avx512);
             }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
                 v.push(Kernel::Avx2);
             }
         }
@@ -256,22 +277,45 @@ impl Kernel {
         FORCED.set(k).is_ok()
     }
 
+    /// `y[i, j] = dot(x[i, :], W[j, :])` with W rows read straight from GGUF Q4_1/Q8_0
+    /// blocks; false when this path has no fused kernel for the format (then dequantize).
+    ///
+    /// # Safety
+    /// x: m*k floats, w: n rows of `weight.row_bytes(k)` bytes, y as in [`Kernel::run`].
+    pub unsafe fn run_fused(self, a: &GemmArgs, weight: &Weight, n0: usize, n: usize) -> bool {
+        let rb = weight.row_bytes(a.k);
+        match (self, weight) {
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512, Weight::Q4_1(b)) => x86::gemm_avx512(a, &x86::Q41Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512, Weight::Q8_0(b)) => x86::gemm_avx512(a, &x86::Q80Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, Weight::Q4_1(b)) => x86::gemm_avx2(a, &x86::Q41Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, Weight::Q8_0(b)) => x86::gemm_avx2(a, &x86::Q80Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
+            _ => return false,
+        }
+        true
+    }
+
     /// `y[i, j] = dot(x[i, :], w[j, :])` for i < m, j < n; y has row stride `ldy`.
     ///
     /// # Safety
     /// x: m*k floats, w: n*k floats, y: (m-1)*ldy + n floats, all valid.
-    pub unsafe fn run(self, x: *const f32, m: usize, k: usize, w: *const f32, n: usize, y: *mut f32, ldy: usize) {
+    pub unsafe fn run(self, a: &GemmArgs, w: *const f32, n: usize) {
+        let k = a.k;
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => x86::gemm_avx512(x, m, k, w, n, y, ldy),
+            Kernel::Avx512 => x86::gemm_avx512(a, &x86::F32Strip { w, k }, n),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => x86::gemm_avx2(x, m, k, w, n, y, ldy),
-            Kernel::Portable => portable::gemm(x, m, k, w, n, y, ldy),
+            Kernel::Avx2 => x86::gemm_avx2(a, &x86::F32Strip { w, k }, n),
+            Kernel::Portable => portable::gemm(a, w, n),
         }
     }
 }
 
 /// Runs `tile::<MR, NR>` over the whole m x n output, with smaller tiles at the edges.
+/// `w` is a strip whose column `j` is output column `j`.
 macro_rules! tiled_driver {
     ($tile:ident, $mr:expr, $nr:expr, $x:ident, $m:ident, $k:ident, $w:ident, $n:ident, $y:ident, $ldy:ident) => {{
         let mut i = 0;
@@ -280,15 +324,18 @@ macro_rules! tiled_driver {
             let mut j = 0;
             while j < $n {
                 let nr = ($n - j).min($nr);
-                let (xp, wp, yp) = ($x.add(i * $k), $w.add(j * $k), $y.add(i * $ldy + j));
+                let (xp, yp) = ($x.add(i * $k), $y.add(i * $ldy + j));
                 match (mr, nr) {
-                    ($mr, $nr) => $tile::<$mr, $nr>(xp, $k, wp, yp, $ldy),
-                    (_, $nr) => tiled_driver!(@rows $tile, mr, $nr, xp, $k, wp, yp, $ldy),
-                    ($mr, _) => tiled_driver!(@cols $tile, $mr, nr, xp, $k, wp, yp, $ldy),
+                    ($mr, $nr) => $tile::<$mr, $nr, _>(xp, $k, $w, j, yp, $ldy),
+                    (_, $nr) => match mr {
+                        1 => $tile::<1, $nr, _>(xp, $k, $w, j, yp, $ldy),
+                        2 => $tile::<2, $nr, _>(xp, $k, $w, j, yp, $ldy),
+                        _ => $tile::<3, $nr, _>(xp, $k, $w, j, yp, $ldy),
+                    },
                     _ => {
                         for r in 0..mr {
                             for c in 0..nr {
-                                $tile::<1, 1>(xp.add(r * $k), $k, wp.add(c * $k), yp.add(r * $ldy + c), $ldy);
+                                $tile::<1, 1, _>(xp.add(r * $k), $k, $w, j + c, yp.add(r * $ldy + c), $ldy);
                             }
                         }
                     }
@@ -298,35 +345,117 @@ macro_rules! tiled_driver {
             i += mr;
         }
     }};
-    (@rows $tile:ident, $mr:ident, $nr:expr, $xp:ident, $k:ident, $wp:ident, $yp:ident, $ldy:ident) => {
-        match $mr {
-            1 => $tile::<1, $nr>($xp, $k, $wp, $yp, $ldy),
-            2 => $tile::<2, $nr>($xp, $k, $wp, $yp, $ldy),
-            _ => $tile::<3, $nr>($xp, $k, $wp, $yp, $ldy),
-        }
-    };
-    (@cols $tile:ident, $mr:expr, $nr:ident, $xp:ident, $k:ident, $wp:ident, $yp:ident, $ldy:ident) => {
-        for c in 0..$nr {
-            $tile::<$mr, 1>($xp, $k, $wp.add(c * $k), $yp.add(c), $ldy);
-        }
-    };
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // index loops over const-size register tiles
 mod x86 {
+    //! The tile kernels read W through a `Strip`: either f32 rows in memory, or GGUF
+    //! blocks expanded in registers (`d * q + m`, the same two roundings as the scalar
+    //! dequantizer). Either way each output is the same sequence of FMAs, so the fused
+    //! path (small M) and the dequantize-then-multiply path (large M) agree bitwise.
     use std::arch::x86_64::*;
+
+    pub trait Strip {
+        /// 16 (AVX-512) or 8 (AVX2) weights of column `c` starting at `p`.
+        unsafe fn w512(&self, c: usize, p: usize) -> __m512;
+        unsafe fn w256(&self, c: usize, p: usize) -> __m256;
+        /// One weight (only for the tail of an f32 strip; quantized K is a multiple of 32).
+        unsafe fn scalar(&self, c: usize, p: usize) -> f32;
+    }
+
+    pub struct F32Strip {
+        pub w: *const f32,
+        pub k: usize,
+    }
+
+    impl Strip for F32Strip {
+        #[inline(always)]
+        unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
+            _mm512_loadu_ps(self.w.add(c * self.k + p))
+        }
+        #[inline(always)]
+        unsafe fn w256(&self, c: usize, p: usize) -> __m256 {
+            _mm256_loadu_ps(self.w.add(c * self.k + p))
+        }
+        #[inline(always)]
+        unsafe fn scalar(&self, c: usize, p: usize) -> f32 {
+            *self.w.add(c * self.k + p)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn half_to_f32(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)))
+    }
+
+    pub struct Q41Strip {
+        pub b: *const u8,
+        pub row_bytes: usize,
+    }
+
+    impl Strip for Q41Strip {
+        #[inline(always)]
+        unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 20);
+            let (d, m) = (half_to_f32(blk), half_to_f32(blk.add(2)));
+            let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+            let q = if p.is_multiple_of(32) { qs } else { _mm_srli_epi16(qs, 4) };
+            let q = _mm_and_si128(q, _mm_set1_epi8(0x0f));
+            let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+            _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d), qf), _mm512_set1_ps(m))
+        }
+        #[inline(always)]
+        unsafe fn w256(&self, c: usize, p: usize) -> __m256 {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 20);
+            let (d, m) = (half_to_f32(blk), half_to_f32(blk.add(2)));
+            let qs = _mm_loadl_epi64(blk.add(4 + p % 16) as *const __m128i);
+            let q = if p % 32 < 16 { qs } else { _mm_srli_epi16(qs, 4) };
+            let q = _mm_and_si128(q, _mm_set1_epi8(0x0f));
+            let qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+            _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(d), qf), _mm256_set1_ps(m))
+        }
+        unsafe fn scalar(&self, _c: usize, _p: usize) -> f32 {
+            unreachable!("quantized rows have no tail")
+        }
+    }
+
+    pub struct Q80Strip {
+        pub b: *const u8,
+        pub row_bytes: usize,
+    }
+
+    impl Strip for Q80Strip {
+        #[inline(always)]
+        unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 34);
+            let d = half_to_f32(blk);
+            let q = _mm_loadu_si128(blk.add(2 + p % 32) as *const __m128i);
+            _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)))
+        }
+        #[inline(always)]
+        unsafe fn w256(&self, c: usize, p: usize) -> __m256 {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 34);
+            let d = half_to_f32(blk);
+            let q = _mm_loadl_epi64(blk.add(2 + p % 32) as *const __m128i);
+            _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)))
+        }
+        unsafe fn scalar(&self, _c: usize, _p: usize) -> f32 {
+            unreachable!("quantized rows have no tail")
+        }
+    }
 
     /// One MR x NR block of outputs over the full K: lanes accumulate k ≡ lane (mod 16),
     /// then a fixed horizontal sum, then the scalar tail.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile512<const MR: usize, const NR: usize>(x: *const f32, k: usize, w: *const f32, y: *mut f32, ldy: usize) {
+    #[inline(always)]
+    unsafe fn tile512<const MR: usize, const NR: usize, S: Strip>(x: *const f32, k: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
         let kv = k / 16 * 16;
         let mut p = 0;
         while p < kv {
             let mut wv = [_mm512_setzero_ps(); NR];
             for c in 0..NR {
-                wv[c] = _mm512_loadu_ps(w.add(c * k + p));
+                wv[c] = w.w512(c0 + c, p);
             }
             for r in 0..MR {
                 let xv = _mm512_loadu_ps(x.add(r * k + p));
@@ -340,15 +469,16 @@ mod x86 {
             for c in 0..NR {
                 let mut s = _mm512_reduce_add_ps(acc[r][c]);
                 for q in kv..k {
-                    s += *x.add(r * k + q) * *w.add(c * k + q);
+                    s += *x.add(r * k + q) * w.scalar(c0 + c, q);
                 }
                 *y.add(r * ldy + c) = s;
             }
         }
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemm_avx512(x: *const f32, m: usize, k: usize, w: *const f32, n: usize, y: *mut f32, ldy: usize) {
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn gemm_avx512<S: Strip>(a: &super::GemmArgs, w: &S, n: usize) {
+        let super::GemmArgs { x, m, k, y, ldy } = *a;
         tiled_driver!(tile512, 4, 4, x, m, k, w, n, y, ldy)
     }
 
@@ -362,15 +492,15 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile256<const MR: usize, const NR: usize>(x: *const f32, k: usize, w: *const f32, y: *mut f32, ldy: usize) {
+    #[inline(always)]
+    unsafe fn tile256<const MR: usize, const NR: usize, S: Strip>(x: *const f32, k: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let kv = k / 8 * 8;
         let mut p = 0;
         while p < kv {
             let mut wv = [_mm256_setzero_ps(); NR];
             for c in 0..NR {
-                wv[c] = _mm256_loadu_ps(w.add(c * k + p));
+                wv[c] = w.w256(c0 + c, p);
             }
             for r in 0..MR {
                 let xv = _mm256_loadu_ps(x.add(r * k + p));
@@ -384,23 +514,30 @@ mod x86 {
             for c in 0..NR {
                 let mut s = hsum256(acc[r][c]);
                 for q in kv..k {
-                    s += *x.add(r * k + q) * *w.add(c * k + q);
+                    s += *x.add(r * k + q) * w.scalar(c0 + c, q);
                 }
                 *y.add(r * ldy + c) = s;
             }
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemm_avx2(x: *const f32, m: usize, k: usize, w: *const f32, n: usize, y: *mut f32, ldy: usize) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_avx2<S: Strip>(a: &super::GemmArgs, w: &S, n: usize) {
+        let super::GemmArgs { x, m, k, y, ldy } = *a;
         tiled_driver!(tile256, 4, 2, x, m, k, w, n, y, ldy)
     }
 }
 
+#[allow(clippy::needless_range_loop)]
 mod portable {
     const L: usize = 8;
 
-    unsafe fn tile<const MR: usize, const NR: usize>(x: *const f32, k: usize, w: *const f32, y: *mut f32, ldy: usize) {
+    pub struct F32Strip {
+        pub w: *const f32,
+    }
+
+    unsafe fn tile<const MR: usize, const NR: usize, S: AsStrip>(x: *const f32, k: usize, s: &S, c0: usize, y: *mut f32, ldy: usize) {
+        let w = s.ptr().add(c0 * k);
         let mut acc = [[[0f32; L]; NR]; MR];
         let kv = k / L * L;
         let mut p = 0;
@@ -426,7 +563,20 @@ mod portable {
         }
     }
 
-    pub unsafe fn gemm(x: *const f32, m: usize, k: usize, w: *const f32, n: usize, y: *mut f32, ldy: usize) {
+    pub trait AsStrip {
+        fn ptr(&self) -> *const f32;
+    }
+
+    impl AsStrip for F32Strip {
+        fn ptr(&self) -> *const f32 {
+            self.w
+        }
+    }
+
+    pub unsafe fn gemm(a: &super::GemmArgs, w: *const f32, n: usize) {
+        let super::GemmArgs { x, m, k, y, ldy } = *a;
+        let strip = F32Strip { w };
+        let w = &strip;
         tiled_driver!(tile, 2, 2, x, m, k, w, n, y, ldy)
     }
 }
@@ -458,7 +608,8 @@ mod tests {
                 let x = rand_vec(&mut rng, m * k);
                 let w = rand_vec(&mut rng, n * k);
                 let mut y = vec![f32::NAN; m * n];
-                unsafe { kern.run(x.as_ptr(), m, k, w.as_ptr(), n, y.as_mut_ptr(), n) };
+                let args = GemmArgs { x: x.as_ptr(), m, k, y: y.as_mut_ptr(), ldy: n };
+                unsafe { kern.run(&args, w.as_ptr(), n) };
                 let r = reference(&x, m, k, &w, n);
                 for (a, b) in y.iter().zip(&r) {
                     assert!((a - b).abs() <= 1e-4 * (k as f32).sqrt(), "{kern:?} m={m} k={k} n={n}: {a} vs {b}");

@@ -1,0 +1,50 @@
+//! Single-stream speed measurement (used by `tessera generate` and `tessera bench`).
+
+use std::time::Instant;
+
+use crate::{EngineHandle, GenerateRequest, Result, SamplingParams};
+
+/// Prompt and decode speed of one request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpeedReport {
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    /// Prompt tokens per second (prompt length / time to first token).
+    pub prompt_tps: f64,
+    /// Generated tokens per second after the first.
+    pub decode_tps: f64,
+    pub ttft_s: f64,
+    pub total_s: f64,
+}
+
+/// Runs one greedy request of `prompt_tokens` tokens (repeating `seed_ids`) generating
+/// exactly `decode_tokens` tokens, and times it. Blocking: call outside an async runtime.
+pub fn single_stream(h: &EngineHandle, seed_ids: &[u32], prompt_tokens: usize, decode_tokens: usize) -> Result<SpeedReport> {
+    let prompt: Vec<u32> = seed_ids.iter().copied().cycle().take(prompt_tokens).collect();
+    let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(decode_tokens) };
+    let t0 = Instant::now();
+    let mut rx = h.submit(GenerateRequest { prompt_ids: prompt, params })?;
+    let (mut first, mut last, mut n) = (None, t0, 0usize);
+    while let Some(ev) = rx.blocking_recv() {
+        if !ev.token_ids.is_empty() {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+            n += ev.token_ids.len();
+        }
+        if ev.finish.is_some() {
+            break;
+        }
+    }
+    let first = first.unwrap_or(last);
+    let ttft = (first - t0).as_secs_f64();
+    let dec = (last - first).as_secs_f64();
+    Ok(SpeedReport {
+        prompt_tokens,
+        decode_tokens: n,
+        prompt_tps: prompt_tokens as f64 / ttft.max(1e-9),
+        decode_tps: n.saturating_sub(1) as f64 / dec.max(1e-9),
+        ttft_s: ttft,
+        total_s: (last - t0).as_secs_f64(),
+    })
+}
