@@ -480,6 +480,12 @@ impl Tokenizer {
         Ok((inner, PieceStyle::SentencePiece, true))
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json` (to export a GGUF model's
+    /// tokenizer into a model folder).
+    pub fn to_tokenizer_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| EngineError::Tokenizer(format!("serializing the tokenizer: {e}")))
+    }
+
     /// Loads `tokenizer.json` from a Hugging Face model folder, with `tokenizer_config.json`
     /// (chat template, BOS/EOS, `add_bos_token`), `chat_template.jinja` and the EOS ids of
     /// `generation_config.json` where present.
