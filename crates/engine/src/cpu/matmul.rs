@@ -177,6 +177,11 @@ const FUSED_MAX_M: usize = 8;
 
 /// `y[m, N] = x[m, K] · W[N, K]ᵀ` over the pool.
 pub fn matmul(pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32]) {
+    matmul_on(Kernel::detect(), pool, x, m, lin, y)
+}
+
+/// [`matmul`] on a given instruction-set path (tests and benchmarks).
+pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32]) {
     let (n, k) = (lin.out_features, lin.in_features);
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
     assert_eq!(y.len(), m * n, "matmul: y is not [{m}, {n}]");
@@ -186,7 +191,6 @@ pub fn matmul(pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32
     let nc = if m <= 16 { 16 } else { 64 };
     let tasks = n.div_ceil(nc);
     let yp = SendPtr(y.as_mut_ptr());
-    let kern = Kernel::detect();
     pool.run(tasks, &|t| {
         let n0 = t * nc;
         let rows = nc.min(n - n0);
@@ -362,6 +366,16 @@ mod x86 {
         unsafe fn w256(&self, c: usize, p: usize) -> __m256;
         /// One weight (only for the tail of an f32 strip; quantized K is a multiple of 32).
         unsafe fn scalar(&self, c: usize, p: usize) -> f32;
+        /// The 32 weights of column `c` from `p` (a multiple of 32) as two 16-lane halves;
+        /// quantized strips decode the block header once for both.
+        #[inline(always)]
+        unsafe fn w512x2(&self, c: usize, p: usize) -> [__m512; 2] {
+            [self.w512(c, p), self.w512(c, p + 16)]
+        }
+        #[inline(always)]
+        unsafe fn w256x4(&self, c: usize, p: usize) -> [__m256; 4] {
+            [self.w256(c, p), self.w256(c, p + 8), self.w256(c, p + 16), self.w256(c, p + 24)]
+        }
     }
 
     pub struct F32Strip {
@@ -418,6 +432,27 @@ mod x86 {
         unsafe fn scalar(&self, _c: usize, _p: usize) -> f32 {
             unreachable!("quantized rows have no tail")
         }
+        #[inline(always)]
+        unsafe fn w512x2(&self, c: usize, p: usize) -> [__m512; 2] {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 20);
+            let (d, m) = (_mm512_set1_ps(half_to_f32(blk)), _mm512_set1_ps(half_to_f32(blk.add(2))));
+            let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+            let mask = _mm_set1_epi8(0x0f);
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), mask)));
+            [_mm512_add_ps(_mm512_mul_ps(d, lo), m), _mm512_add_ps(_mm512_mul_ps(d, hi), m)]
+        }
+        #[inline(always)]
+        unsafe fn w256x4(&self, c: usize, p: usize) -> [__m256; 4] {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 20);
+            let (d, m) = (_mm256_set1_ps(half_to_f32(blk)), _mm256_set1_ps(half_to_f32(blk.add(2))));
+            let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+            let mask = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            let f = |q: __m128i| _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q))), m);
+            [f(lo), f(_mm_srli_si128(lo, 8)), f(hi), f(_mm_srli_si128(hi, 8))]
+        }
     }
 
     pub struct Q80Strip {
@@ -443,6 +478,21 @@ mod x86 {
         unsafe fn scalar(&self, _c: usize, _p: usize) -> f32 {
             unreachable!("quantized rows have no tail")
         }
+        #[inline(always)]
+        unsafe fn w512x2(&self, c: usize, p: usize) -> [__m512; 2] {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 34);
+            let d = _mm512_set1_ps(half_to_f32(blk));
+            let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
+            let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
+            [_mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))), _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)))]
+        }
+        #[inline(always)]
+        unsafe fn w256x4(&self, c: usize, p: usize) -> [__m256; 4] {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 34);
+            let d = _mm256_set1_ps(half_to_f32(blk));
+            let f = |o: usize| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + o) as *const __m128i))));
+            [f(0), f(8), f(16), f(24)]
+        }
     }
 
     /// One MR x NR block of outputs over the full K: lanes accumulate k ≡ lane (mod 16),
@@ -452,6 +502,21 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); NR]; MR];
         let kv = k / 16 * 16;
         let mut p = 0;
+        while p + 32 <= kv {
+            let mut wv = [[_mm512_setzero_ps(); 2]; NR];
+            for c in 0..NR {
+                wv[c] = w.w512x2(c0 + c, p);
+            }
+            for r in 0..MR {
+                let x0 = _mm512_loadu_ps(x.add(r * k + p));
+                let x1 = _mm512_loadu_ps(x.add(r * k + p + 16));
+                for c in 0..NR {
+                    acc[r][c] = _mm512_fmadd_ps(x0, wv[c][0], acc[r][c]);
+                    acc[r][c] = _mm512_fmadd_ps(x1, wv[c][1], acc[r][c]);
+                }
+            }
+            p += 32;
+        }
         while p < kv {
             let mut wv = [_mm512_setzero_ps(); NR];
             for c in 0..NR {
@@ -497,6 +562,21 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let kv = k / 8 * 8;
         let mut p = 0;
+        while p + 32 <= kv {
+            let mut wv = [[_mm256_setzero_ps(); 4]; NR];
+            for c in 0..NR {
+                wv[c] = w.w256x4(c0 + c, p);
+            }
+            for r in 0..MR {
+                for h in 0..4 {
+                    let xv = _mm256_loadu_ps(x.add(r * k + p + 8 * h));
+                    for c in 0..NR {
+                        acc[r][c] = _mm256_fmadd_ps(xv, wv[c][h], acc[r][c]);
+                    }
+                }
+            }
+            p += 32;
+        }
         while p < kv {
             let mut wv = [_mm256_setzero_ps(); NR];
             for c in 0..NR {
@@ -649,6 +729,48 @@ mod tests {
             }
         }
         out
+    }
+
+    fn quantize_q8_0(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in w.chunks_exact(QK) {
+            let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend(blk.iter().map(|&v| ((v * id).round() as i8) as u8));
+        }
+        out
+    }
+
+    /// Small batches expand quantized blocks in registers, large ones dequantize a strip
+    /// first: both must give the same bits, on every instruction-set path.
+    #[test]
+    fn fused_and_strip_paths_agree_bitwise_for_quantized_weights() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let pool = ThreadPool::new(2);
+        for &(k, n) in &[(576usize, 192usize), (1536, 70), (64, 49)] {
+            let dense = rand_vec(&mut rng, n * k);
+            for weight in [Weight::Q4_1(quantize_q4_1(&dense)), Weight::Q8_0(quantize_q8_0(&dense))] {
+                let lin = Linear::new(weight, n, k).unwrap();
+                let mut deq = vec![0f32; n * k];
+                lin.weight.dequant_rows(0, k, &mut deq);
+                let x = rand_vec(&mut rng, 20 * k);
+                for kern in Kernel::available() {
+                    let mut big = vec![0f32; 20 * n];
+                    matmul_on(kern, &pool, &x, 20, &lin, &mut big);
+                    for m in [1usize, 3, 8] {
+                        let mut small = vec![0f32; m * n];
+                        matmul_on(kern, &pool, &x[..m * k], m, &lin, &mut small);
+                        assert_eq!(&big[..m * n], &small[..], "{kern:?} {} k={k} m={m}", lin.weight.format_name());
+                    }
+                    let r = reference(&x, 20, k, &deq, n);
+                    for (a, b) in big.iter().zip(&r) {
+                        assert!((a - b).abs() <= 1e-3, "{kern:?}: {a} vs {b}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
