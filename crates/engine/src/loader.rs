@@ -111,10 +111,9 @@ fn load_gguf(path: &Path) -> Result<Loaded> {
     let num_kv_heads = g.u(&p("attention.head_count_kv")).unwrap_or(num_heads);
     let head_dim = g.u(&p("attention.key_length")).unwrap_or(hidden / num_heads.max(1));
     let tokenizer = Tokenizer::from_gguf(&g.content)?;
-    let name = match g.md("general.name") {
-        Some(Value::String(s)) => s.clone(),
-        _ => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-    };
+    // The file name, as llama-server reports it: GGUF `general.name` is free text
+    // (often with spaces), awkward as the `model` field of every request.
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let scaling = match g.md(&p("rope.scaling.type")) {
         None => RopeScaling::None,
         Some(Value::String(s)) if s == "none" => RopeScaling::None,

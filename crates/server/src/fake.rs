@@ -1,0 +1,366 @@
+//! A fake [`Backend`] for handler tests: tokenizes by bytes, "generates" by echoing the
+//! prompt back and then EOS, and can be told to refuse, hang or fail.
+//!
+//! ```text
+//! vocabulary: 0..=255 the bytes, 256 = <s> (BOS), 257 = </s> (EOS)
+//! chat:       "<|role|>content\n" per message, then "<|assistant|>"
+//! answer:     the prompt's bytes (BOS left out), then EOS -> finish "stop";
+//!             max_tokens first -> finish "length"
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use engine::chat::ChatMessage;
+use engine::{
+    EngineError, FinishInfo, FinishReason, GenerateRequest, ModelInfo, RequestId, RequestStream,
+    TokenEvent, TokenLogprob,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::backend::{Backend, ChatRender, EngineLoad, TextCodec};
+
+pub const BOS: u32 = 256;
+pub const EOS: u32 = 257;
+pub const VOCAB: usize = 258;
+
+/// What the fake does with the next submissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FakeMode {
+    /// Echo the prompt, then EOS.
+    #[default]
+    Echo,
+    /// Refuse with `QueueFull`.
+    QueueFull,
+    /// Send one token, then wait for cancellation or `abort_all`.
+    Hang,
+    /// Send one token, then finish with an engine error.
+    Fail,
+}
+
+#[derive(Default)]
+struct Counters {
+    running: AtomicUsize,
+    cancelled: AtomicUsize,
+    aborted: AtomicUsize,
+}
+
+pub struct FakeBackend {
+    info: ModelInfo,
+    mode: Mutex<FakeMode>,
+    with_template: bool,
+    accepting: AtomicBool,
+    next_id: AtomicU64,
+    submitted: Mutex<Vec<GenerateRequest>>,
+    counters: Arc<Counters>,
+    abort: watch::Sender<u64>,
+}
+
+impl FakeBackend {
+    pub fn new() -> Arc<Self> {
+        Self::build(true)
+    }
+
+    /// A model without a chat template.
+    pub fn without_template() -> Arc<Self> {
+        Self::build(false)
+    }
+
+    fn build(with_template: bool) -> Arc<Self> {
+        let info = ModelInfo {
+            name: "fake-model".into(),
+            max_model_len: 256,
+            vocab_size: VOCAB,
+            kv_cache_tokens: 4096,
+            kv_bytes_per_token: 64,
+            block_size: 16,
+            num_blocks: 256,
+        };
+        Arc::new(FakeBackend {
+            info,
+            mode: Mutex::new(FakeMode::Echo),
+            with_template,
+            accepting: AtomicBool::new(true),
+            next_id: AtomicU64::new(0),
+            submitted: Mutex::new(Vec::new()),
+            counters: Arc::default(),
+            abort: watch::channel(0).0,
+        })
+    }
+
+    pub fn set_mode(&self, mode: FakeMode) {
+        if let Ok(mut m) = self.mode.lock() {
+            *m = mode;
+        }
+    }
+
+    /// Every request submitted so far.
+    pub fn submitted(&self) -> Vec<GenerateRequest> {
+        self.submitted.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn running(&self) -> usize {
+        self.counters.running.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose receiver was dropped before they finished.
+    pub fn cancelled(&self) -> usize {
+        self.counters.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Requests ended by `abort_all`.
+    pub fn aborted(&self) -> usize {
+        self.counters.aborted.load(Ordering::SeqCst)
+    }
+
+    fn mode(&self) -> FakeMode {
+        self.mode.lock().map(|m| *m).unwrap_or_default()
+    }
+}
+
+fn token_text(id: u32) -> String {
+    match id {
+        0..=255 => String::from_utf8_lossy(&[id as u8]).into_owned(),
+        _ => String::new(),
+    }
+}
+
+fn logprobs(id: u32, k: Option<usize>) -> Vec<TokenLogprob> {
+    k.map(|k| {
+        let top = (0..k)
+            .map(|j| ((id + j as u32) % 256, -0.5 - j as f32))
+            .collect();
+        vec![TokenLogprob {
+            token_id: id,
+            logprob: -0.5,
+            top,
+        }]
+    })
+    .unwrap_or_default()
+}
+
+struct Job {
+    req: GenerateRequest,
+    mode: FakeMode,
+    tx: mpsc::UnboundedSender<TokenEvent>,
+    arrived: Instant,
+    counters: Arc<Counters>,
+    abort: watch::Receiver<u64>,
+}
+
+impl Job {
+    async fn run(mut self) {
+        self.counters.running.fetch_add(1, Ordering::SeqCst);
+        let reason = self.generate().await;
+        self.counters.running.fetch_sub(1, Ordering::SeqCst);
+        if reason.is_none() {
+            self.counters.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The finish reason sent, or None when the receiver went away first.
+    async fn generate(&mut self) -> Option<FinishReason> {
+        let answer: Vec<u32> = self
+            .req
+            .prompt_ids
+            .iter()
+            .copied()
+            .filter(|&t| t < 256)
+            .chain([EOS])
+            .collect();
+        let p = self.req.params.clone();
+        let mut first_token = None;
+        let mut n = 0;
+        for &id in &answer {
+            tokio::task::yield_now().await;
+            if id == EOS && !p.ignore_eos {
+                return self.finish(FinishReason::Stop, n, first_token);
+            }
+            if n == p.max_tokens {
+                return self.finish(FinishReason::Length, n, first_token);
+            }
+            first_token.get_or_insert_with(Instant::now);
+            n += 1;
+            let ev = TokenEvent {
+                text: token_text(id),
+                token_ids: vec![id],
+                logprobs: logprobs(id, p.logprobs),
+                finish: None,
+            };
+            self.tx.send(ev).ok()?;
+            match self.mode {
+                FakeMode::Hang => return self.hang(n, first_token).await,
+                FakeMode::Fail => return self.finish(FinishReason::Error, n, first_token),
+                _ => {}
+            }
+        }
+        self.finish(FinishReason::Length, n, first_token)
+    }
+
+    async fn hang(&mut self, n: usize, first_token: Option<Instant>) -> Option<FinishReason> {
+        tokio::select! {
+            () = self.tx.closed() => None,
+            _ = self.abort.changed() => {
+                self.counters.aborted.fetch_add(1, Ordering::SeqCst);
+                self.finish(FinishReason::Abort, n, first_token)
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        reason: FinishReason,
+        n: usize,
+        first_token: Option<Instant>,
+    ) -> Option<FinishReason> {
+        let now = Instant::now();
+        let info = FinishInfo {
+            reason,
+            stopped_by: None,
+            prompt_tokens: self.req.prompt_ids.len(),
+            completion_tokens: n,
+            arrived: self.arrived,
+            first_scheduled: Some(self.arrived),
+            first_token,
+            finished: now,
+            preemptions: 0,
+        };
+        let ev = TokenEvent {
+            text: String::new(),
+            token_ids: Vec::new(),
+            logprobs: Vec::new(),
+            finish: Some(info),
+        };
+        self.tx.send(ev).ok().map(|()| reason)
+    }
+}
+
+impl Backend for FakeBackend {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(EngineError::Unavailable("the engine is draining".into()));
+        }
+        let mode = self.mode();
+        if mode == FakeMode::QueueFull {
+            return Err(EngineError::QueueFull(7));
+        }
+        req.params.validate(self.info.vocab_size)?;
+        let total = req.prompt_ids.len().saturating_add(req.params.max_tokens);
+        if total > self.info.max_model_len {
+            return Err(EngineError::ContextLength(format!(
+                "This model's maximum context length is {} tokens. However, you requested {total} tokens ({} in the prompt, {} for the completion).",
+                self.info.max_model_len,
+                req.prompt_ids.len(),
+                req.params.max_tokens
+            )));
+        }
+        if let Ok(mut s) = self.submitted.lock() {
+            s.push(req.clone());
+        }
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::SeqCst));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let prompt_tokens = req.prompt_ids.len();
+        let job = Job {
+            req,
+            mode,
+            tx,
+            arrived: Instant::now(),
+            counters: self.counters.clone(),
+            abort: self.abort.subscribe(),
+        };
+        tokio::spawn(job.run());
+        Ok(RequestStream::from_receiver(id, prompt_tokens, rx))
+    }
+
+    fn load(&self) -> EngineLoad {
+        EngineLoad {
+            running: self.running(),
+            waiting: 0,
+            kv_cache_usage: self.running() as f64 / 256.0,
+        }
+    }
+
+    fn codec(&self) -> &dyn TextCodec {
+        self
+    }
+
+    fn chat(&self) -> Option<&dyn ChatRender> {
+        self.with_template.then_some(self as &dyn ChatRender)
+    }
+
+    fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    fn abort_all(&self) {
+        self.abort.send_modify(|g| *g += 1);
+    }
+
+    fn shutdown(&self) {
+        self.stop_accepting();
+        self.abort_all();
+    }
+}
+
+impl TextCodec for FakeBackend {
+    fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, EngineError> {
+        Ok(add_bos
+            .then_some(BOS)
+            .into_iter()
+            .chain(text.bytes().map(u32::from))
+            .collect())
+    }
+
+    fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError> {
+        let mut out = Vec::new();
+        for &id in ids {
+            match id {
+                0..=255 => out.push(id as u8),
+                BOS if !skip_special => out.extend_from_slice(b"<s>"),
+                EOS if !skip_special => out.extend_from_slice(b"</s>"),
+                BOS | EOS => {}
+                _ => {
+                    return Err(EngineError::Tokenizer(format!(
+                        "token id {id} is outside the vocabulary"
+                    )))
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match id {
+            0..=255 => vec![id as u8],
+            BOS => b"<s>".to_vec(),
+            EOS => b"</s>".to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn add_bos_default(&self) -> bool {
+        true
+    }
+}
+
+impl ChatRender for FakeBackend {
+    fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
+        let mut s: String = messages
+            .iter()
+            .map(|m| format!("<|{}|>{}\n", m.role, m.content))
+            .collect();
+        if add_generation_prompt {
+            s.push_str("<|assistant|>");
+        }
+        Ok(s)
+    }
+}
