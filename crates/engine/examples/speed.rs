@@ -1,4 +1,4 @@
-//! Quick single-stream speed check: `cargo run --release -p tessera-engine --example speed -- MODEL [THREADS]`.
+//! Quick speed check: `cargo run --release -p tessera-engine --example speed -- MODEL [THREADS]`.
 fn main() {
     let mut args = std::env::args().skip(1);
     let model = args.next().expect("model path");
@@ -8,6 +8,10 @@ fn main() {
     let _ = engine::bench::single_stream(&h, &ids, 32, 8).unwrap();
     for (p, d) in [(128, 64), (512, 128)] {
         let r = engine::bench::single_stream(&h, &ids, p, d).unwrap();
+        println!("{}", serde_json::to_string(&r).unwrap());
+    }
+    for n in [4, 16, 64] {
+        let r = engine::bench::concurrent(&h, &ids, n, 64, 64).unwrap();
         println!("{}", serde_json::to_string(&r).unwrap());
     }
 }

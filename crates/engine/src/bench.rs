@@ -48,3 +48,36 @@ pub fn single_stream(h: &EngineHandle, seed_ids: &[u32], prompt_tokens: usize, d
         total_s: (last - t0).as_secs_f64(),
     })
 }
+
+/// Aggregate decode throughput of `streams` concurrent greedy requests (engine only, no HTTP).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BatchReport {
+    pub streams: usize,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    /// Generated tokens of all streams / wall time from first submit to last token.
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+}
+
+pub fn concurrent(h: &EngineHandle, seed_ids: &[u32], streams: usize, prompt_tokens: usize, decode_tokens: usize) -> Result<BatchReport> {
+    let t0 = Instant::now();
+    let mut rxs = Vec::with_capacity(streams);
+    for i in 0..streams {
+        // Different prompts per stream (rotated), same length.
+        let prompt: Vec<u32> = seed_ids.iter().copied().cycle().skip(i % seed_ids.len().max(1)).take(prompt_tokens).collect();
+        let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(decode_tokens) };
+        rxs.push(h.submit(GenerateRequest { prompt_ids: prompt, params })?);
+    }
+    let mut total = 0;
+    for mut rx in rxs {
+        while let Some(ev) = rx.blocking_recv() {
+            total += ev.token_ids.len();
+            if ev.finish.is_some() {
+                break;
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    Ok(BatchReport { streams, prompt_tokens, decode_tokens, tokens_per_s: total as f64 / wall, wall_s: wall })
+}

@@ -173,7 +173,7 @@ unsafe impl Send for SendPtr {}
 
 /// Up to this many rows, quantized weights are expanded in registers (read once from
 /// memory); above it, a strip is dequantized once and reused for every row.
-const FUSED_MAX_M: usize = 8;
+const FUSED_MAX_M: usize = 4;
 
 /// `y[m, N] = x[m, K] · W[N, K]ᵀ` over the pool.
 pub fn matmul(pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32]) {
@@ -207,7 +207,7 @@ pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Lin
                 s.resize(rows * k, 0.0);
             }
             let strip = &mut s[..rows * k];
-            lin.weight.dequant_rows(n0, k, strip);
+            kern.dequant(&lin.weight, n0, k, strip);
             let _ = &yp;
             // SAFETY: this task writes only columns n0..n0+rows of each row of y, which
             // no other task writes; x and the strip are valid for the sizes given.
@@ -300,6 +300,40 @@ impl Kernel {
             _ => return false,
         }
         true
+    }
+
+    /// Rows `n0 .. n0 + out.len() / k` of `weight` as f32, with SIMD where this path has
+    /// it; the same bits as [`Weight::dequant_rows`].
+    pub fn dequant(self, weight: &Weight, n0: usize, k: usize, out: &mut [f32]) {
+        let rows = out.len() / k;
+        let rb = weight.row_bytes(k);
+        // SAFETY: the strips cover rows n0..n0+rows of the weight (checked by the slice
+        // index below) and `out` holds rows * k floats.
+        unsafe {
+            match (self, weight) {
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, Weight::Q4_1(b)) => {
+                    let b = &b[n0 * rb..(n0 + rows) * rb];
+                    x86::dequant_avx512(&x86::Q41Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, Weight::Q8_0(b)) => {
+                    let b = &b[n0 * rb..(n0 + rows) * rb];
+                    x86::dequant_avx512(&x86::Q80Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, Weight::Q4_1(b)) => {
+                    let b = &b[n0 * rb..(n0 + rows) * rb];
+                    x86::dequant_avx2(&x86::Q41Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, Weight::Q8_0(b)) => {
+                    let b = &b[n0 * rb..(n0 + rows) * rb];
+                    x86::dequant_avx2(&x86::Q80Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
+                }
+                _ => weight.dequant_rows(n0, k, out),
+            }
+        }
     }
 
     /// `y[i, j] = dot(x[i, :], w[j, :])` for i < m, j < n; y has row stride `ldy`.
@@ -541,6 +575,30 @@ mod x86 {
         }
     }
 
+    /// Writes `rows` columns of the strip, `k` weights each, as f32 (k a multiple of 32).
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn dequant_avx512<S: Strip>(w: &S, rows: usize, k: usize, out: *mut f32) {
+        for c in 0..rows {
+            for p in (0..k).step_by(32) {
+                let [a, b] = w.w512x2(c, p);
+                _mm512_storeu_ps(out.add(c * k + p), a);
+                _mm512_storeu_ps(out.add(c * k + p + 16), b);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequant_avx2<S: Strip>(w: &S, rows: usize, k: usize, out: *mut f32) {
+        for c in 0..rows {
+            for p in (0..k).step_by(32) {
+                let v = w.w256x4(c, p);
+                for (h, x) in v.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(c * k + p + 8 * h), *x);
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn gemm_avx512<S: Strip>(a: &super::GemmArgs, w: &S, n: usize) {
         let super::GemmArgs { x, m, k, y, ldy } = *a;
@@ -755,6 +813,11 @@ mod tests {
                 let lin = Linear::new(weight, n, k).unwrap();
                 let mut deq = vec![0f32; n * k];
                 lin.weight.dequant_rows(0, k, &mut deq);
+                for kern in Kernel::available() {
+                    let mut simd = vec![f32::NAN; 5 * k];
+                    kern.dequant(&lin.weight, 3, k, &mut simd);
+                    assert_eq!(&simd[..], &deq[3 * k..8 * k], "{kern:?} dequant");
+                }
                 let x = rand_vec(&mut rng, 20 * k);
                 for kern in Kernel::available() {
                     let mut big = vec![0f32; 20 * n];
