@@ -23,7 +23,7 @@ pub fn single_stream(h: &EngineHandle, seed_ids: &[u32], prompt_tokens: usize, d
     let prompt: Vec<u32> = seed_ids.iter().copied().cycle().take(prompt_tokens).collect();
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(decode_tokens) };
     let t0 = Instant::now();
-    let mut rx = h.submit(GenerateRequest { prompt_ids: prompt, params })?;
+    let mut rx = h.submit(GenerateRequest { prompt_ids: prompt, params, adapter: None })?;
     let (mut first, mut last, mut n) = (None, t0, 0usize);
     while let Some(ev) = rx.blocking_recv() {
         if !ev.token_ids.is_empty() {
@@ -67,7 +67,7 @@ pub fn concurrent(h: &EngineHandle, seed_ids: &[u32], streams: usize, prompt_tok
         // Different prompts per stream (rotated), same length.
         let prompt: Vec<u32> = seed_ids.iter().copied().cycle().skip(i % seed_ids.len().max(1)).take(prompt_tokens).collect();
         let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(decode_tokens) };
-        rxs.push(h.submit(GenerateRequest { prompt_ids: prompt, params })?);
+        rxs.push(h.submit(GenerateRequest { prompt_ids: prompt, params, adapter: None })?);
     }
     let mut total = 0;
     for mut rx in rxs {

@@ -23,6 +23,8 @@ pub struct EngineConfig {
     pub threads: usize,
     /// Most requests waiting for their first step; more are refused with `QueueFull`.
     pub max_queued_requests: usize,
+    /// Most distinct LoRA adapters in one step.
+    pub max_loras: usize,
     /// Gets every step's statistics (metrics).
     pub observer: Option<Arc<dyn StepObserver>>,
 }
@@ -38,6 +40,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             max_queued_requests: 1024,
+            max_loras: 8,
             observer: None,
         }
     }
@@ -54,6 +57,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("max_model_len", &self.max_model_len)
             .field("threads", &self.threads)
             .field("max_queued_requests", &self.max_queued_requests)
+            .field("max_loras", &self.max_loras)
             .finish()
     }
 }

@@ -19,6 +19,7 @@ use crate::detok::IncrementalDecoder;
 use crate::handle::{Command, EngineHandle, EngineStats, ModelInfo, RequestId, Shared, StepStats};
 use crate::kv_cache::{KvCache, KvLayout};
 use crate::loader;
+use crate::lora::{AdapterRows, LoraAdapter};
 use crate::model::{BatchInput, LlamaModel, SeqInput};
 use crate::request::{FinishInfo, FinishReason, SamplingParams, TokenEvent};
 use crate::sampler::{self, SamplerState};
@@ -34,6 +35,11 @@ impl Engine {
     /// Loads the model (blocking) and starts the engine thread.
     pub fn start(cfg: EngineConfig) -> Result<EngineHandle> {
         let loaded = loader::load(&cfg.model)?;
+        Self::from_loaded(cfg, loaded)
+    }
+
+    /// Starts the engine thread on a model already in memory (`cfg.model` is not read).
+    pub fn from_loaded(cfg: EngineConfig, loaded: loader::Loaded) -> Result<EngineHandle> {
         let (model, tokenizer) = (loaded.model, Arc::new(loaded.tokenizer));
         let mc = &model.config;
         if cfg.block_size == 0 {
@@ -91,7 +97,12 @@ impl Engine {
             max_queued: cfg.max_queued_requests,
         });
         let sched = Scheduler::new(
-            SchedulerConfig { max_num_seqs: cfg.max_num_seqs.max(1), max_num_batched_tokens: cfg.max_num_batched_tokens.max(1), block_size: cfg.block_size },
+            SchedulerConfig {
+                max_num_seqs: cfg.max_num_seqs.max(1),
+                max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
+                block_size: cfg.block_size,
+                max_loras: cfg.max_loras.max(1),
+            },
             num_blocks,
         );
         let mut lp = EngineLoop {
@@ -134,6 +145,8 @@ struct ReqOut {
     arrived: Instant,
     first_scheduled: Option<Instant>,
     first_token: Option<Instant>,
+    /// Held to the end, whatever the registry does meanwhile.
+    adapter: Option<Arc<LoraAdapter>>,
 }
 
 struct EngineLoop {
@@ -191,9 +204,10 @@ impl EngineLoop {
                     arrived,
                     first_scheduled: None,
                     first_token: None,
+                    adapter: req.adapter.clone(),
                 };
                 self.reqs.insert(id, out);
-                self.sched.add(id, req.prompt_ids);
+                self.sched.add(id, req.prompt_ids, req.adapter.as_ref().map(|a| a.id));
                 true
             }
             Command::AbortAll => {
@@ -294,6 +308,17 @@ impl EngineLoop {
             }
             tables.push(table);
         }
+        let mut groups: Vec<AdapterRows<'_>> = Vec::new();
+        let mut row = 0;
+        for s in &out.seqs {
+            if let Some(a) = self.reqs.get(&s.id).and_then(|r| r.adapter.as_deref()) {
+                match groups.iter_mut().find(|g| g.adapter.id == a.id) {
+                    Some(g) => g.segments.push((row, s.len)),
+                    None => groups.push(AdapterRows { adapter: a, segments: vec![(row, s.len)] }),
+                }
+            }
+            row += s.len;
+        }
         let mut q0 = 0;
         let seqs = out
             .seqs
@@ -305,7 +330,7 @@ impl EngineLoop {
                 si
             })
             .collect();
-        let batch = BatchInput { token_ids: &token_ids, positions: &positions, seqs, slot_mapping: &slots, logits_rows: &logits_rows };
+        let batch = BatchInput { token_ids: &token_ids, positions: &positions, seqs, slot_mapping: &slots, logits_rows: &logits_rows, lora: groups };
         self.model.forward(&self.pool, &batch, &mut self.cache)
     }
 
@@ -383,6 +408,18 @@ impl EngineLoop {
     }
 
     fn publish_gauges(&self) {
+        let names = |ids: Vec<RequestId>| {
+            let mut v: Vec<String> = ids.iter().filter_map(|id| self.reqs.get(id)?.adapter.as_ref().map(|a| a.name.clone())).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let activity = crate::handle::LoraActivity { running: names(self.sched.running_ids()), waiting: names(self.sched.waiting_ids()) };
+        if let Ok(mut l) = self.stats.lora.lock() {
+            if *l != activity {
+                *l = activity;
+            }
+        }
         self.stats.num_running.store(self.sched.num_running(), Ordering::Relaxed);
         self.stats.num_waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
         self.stats.used_blocks.store(self.sched.pool.num_used(), Ordering::Relaxed);

@@ -19,6 +19,9 @@ pub enum EngineError {
     /// A model file could not be loaded or is not supported.
     #[error("model load failed: {0}")]
     Load(String),
+    /// A LoRA adapter was refused (bad config, files, shapes, rank); the registry is unchanged.
+    #[error("{0}")]
+    Adapter(String),
     /// Tokenizer or chat template failure.
     #[error("{0}")]
     Tokenizer(String),

@@ -49,6 +49,15 @@ pub struct EngineStats {
     pub used_blocks: AtomicUsize,
     pub num_preemptions_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Names of the adapters of running and of waiting requests (sorted, distinct).
+    pub lora: std::sync::Mutex<LoraActivity>,
+}
+
+/// Which adapters are in use, for `tessera:lora_requests_info`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoraActivity {
+    pub running: Vec<String>,
+    pub waiting: Vec<String>,
 }
 
 /// What one engine step did; given to the [`StepObserver`].

@@ -13,6 +13,7 @@ pub mod error;
 pub mod handle;
 pub mod kv_cache;
 pub mod loader;
+pub mod lora;
 pub mod model;
 pub mod request;
 pub mod sampler;

@@ -9,6 +9,7 @@ use crate::cpu::attention::{paged_attention, AttnParams, SeqAttn};
 use crate::cpu::matmul::Linear;
 use crate::cpu::ops::{self, Rope};
 use crate::kv_cache::KvCache;
+use crate::lora::{self, AdapterRows, Module};
 use crate::threadpool::ThreadPool;
 
 /// RoPE frequency scaling from the model config.
@@ -141,6 +142,8 @@ pub struct BatchInput<'a> {
     pub slot_mapping: &'a [usize],
     /// Rows of the packed matrix whose logits are wanted, in output order.
     pub logits_rows: &'a [usize],
+    /// LoRA adapters of this step and the rows each applies to.
+    pub lora: Vec<AdapterRows<'a>>,
 }
 
 struct Ptr(*mut f32);
@@ -197,6 +200,10 @@ impl LlamaModel {
             a.q_proj.forward(pool, &h, t, &mut q);
             a.k_proj.forward(pool, &h, t, &mut k);
             a.v_proj.forward(pool, &h, t, &mut v);
+            let ad = |m: Module, x: &[f32], y: &mut [f32]| lora::apply(pool, &batch.lora, li, m, x, y);
+            ad(Module::Q, &h, &mut q);
+            ad(Module::K, &h, &mut k);
+            ad(Module::V, &h, &mut v);
             for (buf, bias) in [(&mut q, &a.q_bias), (&mut k, &a.k_bias), (&mut v, &a.v_bias)] {
                 if let Some(b) = bias {
                     buf.chunks_exact_mut(b.len()).for_each(|r| ops::add_inplace(r, b));
@@ -209,13 +216,17 @@ impl LlamaModel {
             cache.write(li, batch.slot_mapping, &k, &v);
             paged_attention(pool, &q, &cache.k[li], &cache.v[li], &seqs, &params, &mut attn);
             a.o_proj.forward(pool, &attn, t, &mut h);
+            ad(Module::O, &attn, &mut h);
             ops::add_inplace(&mut x, &h);
             ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps, 0.0, &mut h);
             layer.mlp.gate_proj.forward(pool, &h, t, &mut gate);
             layer.mlp.up_proj.forward(pool, &h, t, &mut up);
+            ad(Module::Gate, &h, &mut gate);
+            ad(Module::Up, &h, &mut up);
             let inter = c.intermediate_size;
             par_rows(pool, &mut gate, inter, &|r, g| ops::silu_mul(g, &up[r * inter..(r + 1) * inter]));
             layer.mlp.down_proj.forward(pool, &gate, t, &mut h);
+            ad(Module::Down, &gate, &mut h);
             ops::add_inplace(&mut x, &h);
         }
         let n = batch.logits_rows.len();

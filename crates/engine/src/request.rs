@@ -143,6 +143,8 @@ impl SamplingParams {
 pub struct GenerateRequest {
     pub prompt_ids: Vec<u32>,
     pub params: SamplingParams,
+    /// The LoRA adapter version this request runs with to its end (None: the base).
+    pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
 }
 
 /// A generated token with its log-probability and the top alternatives (when asked for).

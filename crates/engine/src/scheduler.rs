@@ -17,13 +17,20 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::handle::RequestId;
 use crate::kv_cache::{BlockId, BlockPool};
+use crate::lora::AdapterId;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub block_size: usize,
+    /// Most distinct LoRA adapters among the running requests.
+    pub max_loras: usize,
 }
+
+/// Steps a waiting request may be passed over (by requests whose adapter is already
+/// running) while it waits for an adapter slot; after that admission is strictly FCFS.
+const MAX_ADAPTER_BYPASS_STEPS: usize = 32;
 
 #[derive(Debug)]
 pub struct SeqState {
@@ -36,6 +43,7 @@ pub struct SeqState {
     pub preemptions: usize,
     /// Whether the request has been scheduled at least once.
     pub started: bool,
+    pub adapter: Option<AdapterId>,
 }
 
 impl SeqState {
@@ -77,16 +85,25 @@ pub struct Scheduler {
     waiting: VecDeque<RequestId>,
     /// In admission order; the last is the newest.
     running: Vec<RequestId>,
+    /// Consecutive steps the head of the queue has waited for an adapter slot.
+    head_blocked_steps: usize,
 }
 
 impl Scheduler {
     pub fn new(config: SchedulerConfig, num_blocks: usize) -> Self {
-        Scheduler { config, pool: BlockPool::new(num_blocks), seqs: HashMap::new(), waiting: VecDeque::new(), running: Vec::new() }
+        Scheduler {
+            config,
+            pool: BlockPool::new(num_blocks),
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            head_blocked_steps: 0,
+        }
     }
 
-    pub fn add(&mut self, id: RequestId, prompt: Vec<u32>) {
+    pub fn add(&mut self, id: RequestId, prompt: Vec<u32>, adapter: Option<AdapterId>) {
         let prompt_len = prompt.len();
-        self.seqs.insert(id, SeqState { id, tokens: prompt, prompt_len, num_computed: 0, blocks: Vec::new(), preemptions: 0, started: false });
+        self.seqs.insert(id, SeqState { id, tokens: prompt, prompt_len, num_computed: 0, blocks: Vec::new(), preemptions: 0, started: false, adapter });
         self.waiting.push_back(id);
     }
 
@@ -104,6 +121,14 @@ impl Scheduler {
 
     pub fn is_idle(&self) -> bool {
         self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn running_ids(&self) -> Vec<RequestId> {
+        self.running.clone()
+    }
+
+    pub fn waiting_ids(&self) -> Vec<RequestId> {
+        self.waiting.iter().copied().collect()
     }
 
     pub fn ids(&self) -> Vec<RequestId> {
@@ -178,28 +203,62 @@ impl Scheduler {
             }
         }
         if out.preempted.is_empty() {
-            while budget > 0 && self.running.len() < self.config.max_num_seqs {
-                let Some(&id) = self.waiting.front() else { break };
-                let s = &self.seqs[&id];
-                let n = (s.tokens.len() - s.num_computed).min(budget);
-                let total = s.num_computed + n;
-                if !self.ensure_blocks(id, total) {
-                    break;
-                }
-                self.waiting.pop_front();
-                self.running.push(id);
-                let s = self.seqs.get_mut(&id).expect("admitted request exists");
-                if !s.started {
-                    s.started = true;
-                    out.first_scheduled.push(id);
-                }
-                let sample = total == s.tokens.len();
-                out.seqs.push(ScheduledSeq { id, start: s.num_computed, len: n, sample });
-                out.num_tokens += n;
-                budget -= n;
-            }
+            self.admit(&mut out, budget);
         }
         out
+    }
+
+    /// Admits waiting requests FCFS while the budget, `max_num_seqs`, the blocks and the
+    /// adapter slots allow. A request waiting for an adapter slot may be passed by
+    /// requests that need no new slot, for at most [`MAX_ADAPTER_BYPASS_STEPS`] steps.
+    fn admit(&mut self, out: &mut SchedulerOutput, mut budget: usize) {
+        let mut active: Vec<AdapterId> = self.running.iter().filter_map(|id| self.seqs[id].adapter).collect();
+        active.sort();
+        active.dedup();
+        let mut idx = 0;
+        let mut head_blocked = false;
+        while budget > 0 && self.running.len() < self.config.max_num_seqs && idx < self.waiting.len() {
+            let id = self.waiting[idx];
+            let s = &self.seqs[&id];
+            let needs_slot = s.adapter.is_some_and(|a| !active.contains(&a));
+            if needs_slot && active.len() >= self.config.max_loras {
+                if idx == 0 {
+                    head_blocked = true;
+                }
+                if self.head_blocked_steps >= MAX_ADAPTER_BYPASS_STEPS {
+                    break;
+                }
+                idx += 1;
+                continue;
+            }
+            if head_blocked && needs_slot {
+                // Never give a new slot to someone behind a request that waits for one.
+                idx += 1;
+                continue;
+            }
+            let n = (s.tokens.len() - s.num_computed).min(budget);
+            let total = s.num_computed + n;
+            if !self.ensure_blocks(id, total) {
+                break;
+            }
+            self.waiting.remove(idx);
+            self.running.push(id);
+            let s = self.seqs.get_mut(&id).expect("admitted request exists");
+            if let Some(a) = s.adapter {
+                if !active.contains(&a) {
+                    active.push(a);
+                }
+            }
+            if !s.started {
+                s.started = true;
+                out.first_scheduled.push(id);
+            }
+            let sample = total == s.tokens.len();
+            out.seqs.push(ScheduledSeq { id, start: s.num_computed, len: n, sample });
+            out.num_tokens += n;
+            budget -= n;
+        }
+        self.head_blocked_steps = if head_blocked { self.head_blocked_steps + 1 } else { 0 };
     }
 
     /// Records the step: computed counts advance and sampled tokens are appended.
@@ -229,7 +288,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn sched(blocks: usize, bs: usize, budget: usize, seqs: usize) -> Scheduler {
-        Scheduler::new(SchedulerConfig { max_num_seqs: seqs, max_num_batched_tokens: budget, block_size: bs }, blocks)
+        Scheduler::new(SchedulerConfig { max_num_seqs: seqs, max_num_batched_tokens: budget, block_size: bs, max_loras: 2 }, blocks)
     }
 
     fn check_invariants(s: &Scheduler) {
@@ -244,16 +303,20 @@ mod tests {
             assert!(x.blocks.len() * s.config.block_size >= x.num_computed);
         }
         assert!(s.running.len() <= s.config.max_num_seqs);
+        let mut adapters: Vec<_> = s.running.iter().filter_map(|id| s.seqs[id].adapter).collect();
+        adapters.sort();
+        adapters.dedup();
+        assert!(adapters.len() <= s.config.max_loras, "{} adapters running, max_loras {}", adapters.len(), s.config.max_loras);
     }
 
     #[test]
     fn decode_and_prefill_share_a_step_under_the_budget() {
         let mut s = sched(100, 4, 10, 8);
-        s.add(RequestId(0), vec![1; 3]);
+        s.add(RequestId(0), vec![1; 3], None);
         let o = s.schedule();
         assert_eq!(o.seqs, vec![ScheduledSeq { id: RequestId(0), start: 0, len: 3, sample: true }]);
         s.update(&o, &HashMap::from([(RequestId(0), 5)]));
-        s.add(RequestId(1), vec![1; 20]);
+        s.add(RequestId(1), vec![1; 20], None);
         let o = s.schedule();
         assert_eq!(o.num_tokens, 10);
         assert_eq!(o.seqs[0], ScheduledSeq { id: RequestId(0), start: 3, len: 1, sample: true });
@@ -263,8 +326,8 @@ mod tests {
     #[test]
     fn out_of_blocks_preempts_the_newest() {
         let mut s = sched(4, 4, 64, 8);
-        s.add(RequestId(0), vec![1; 8]);
-        s.add(RequestId(1), vec![1; 8]);
+        s.add(RequestId(0), vec![1; 8], None);
+        s.add(RequestId(1), vec![1; 8], None);
         let o = s.schedule();
         assert_eq!(o.seqs.len(), 2);
         s.update(&o, &HashMap::from([(RequestId(0), 1), (RequestId(1), 1)]));
@@ -274,8 +337,9 @@ mod tests {
         check_invariants(&s);
     }
 
-    /// Random arrivals, lengths and cancellations against a small pool: no leak, no
-    /// double hand-out, and every request finishes within a bounded number of steps.
+    /// Random arrivals, lengths, adapters (3 adapters, 2 slots) and cancellations against
+    /// a small pool: no leak, no double hand-out, never more adapters than slots, and every
+    /// request finishes within a bounded number of steps.
     #[test]
     fn randomized_schedule_has_no_leak_or_starvation() {
         for seed in 0..20u64 {
@@ -292,7 +356,11 @@ mod tests {
                     next += 1;
                     let p = rng.random_range(1..120);
                     let o = rng.random_range(1..(256 - p).min(60));
-                    s.add(id, vec![7; p]);
+                    let adapter = match rng.random_range(0..4) {
+                        0 => None,
+                        a => Some(AdapterId(a)),
+                    };
+                    s.add(id, vec![7; p], adapter);
                     target.insert(id, o);
                 }
                 if rng.random_bool(0.02) {

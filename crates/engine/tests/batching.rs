@@ -39,7 +39,7 @@ fn concurrent_greedy_requests_equal_their_solo_runs() {
     // Arrive in four waves while earlier ones are mid-prefill or decoding.
     let mut rxs = Vec::new();
     for (i, p) in ps.iter().enumerate() {
-        rxs.push(h.submit(GenerateRequest { prompt_ids: p.clone(), params: params() }).unwrap());
+        rxs.push(h.submit(GenerateRequest { prompt_ids: p.clone(), params: params(), adapter: None }).unwrap());
         if i % 4 == 3 {
             std::thread::sleep(Duration::from_millis(40));
         }
@@ -60,7 +60,7 @@ fn seeded_sampling_is_independent_of_other_traffic() {
         .into_iter()
         .skip(3)
         .take(6)
-        .map(|q| h.submit(GenerateRequest { prompt_ids: q, params: SamplingParams { temperature: 1.0, ignore_eos: true, ..SamplingParams::greedy(20) } }).unwrap())
+        .map(|q| h.submit(GenerateRequest { prompt_ids: q, params: SamplingParams { temperature: 1.0, ignore_eos: true, ..SamplingParams::greedy(20) }, adapter: None }).unwrap())
         .collect();
     let busy = run(&h, p, params).ids;
     noise.into_iter().for_each(|rx| drop(collect(rx)));
@@ -73,7 +73,7 @@ fn block_sizes_1_16_64_and_forced_preemption_give_the_same_tokens() {
     let params = || SamplingParams { ignore_eos: true, ..SamplingParams::greedy(10) };
     let gen = |cfg: EngineConfig| -> (Vec<Vec<u32>>, u64) {
         let h = start(cfg);
-        let rxs: Vec<_> = ps.iter().map(|p| h.submit(GenerateRequest { prompt_ids: p.clone(), params: params() }).unwrap()).collect();
+        let rxs: Vec<_> = ps.iter().map(|p| h.submit(GenerateRequest { prompt_ids: p.clone(), params: params(), adapter: None }).unwrap()).collect();
         let out = rxs.into_iter().map(|rx| collect(rx).ids).collect();
         (out, h.stats().num_preemptions_total.load(Ordering::Relaxed))
     };
@@ -93,7 +93,7 @@ fn dropping_the_receiver_cancels_and_frees_every_block() {
     let h = start(default_cfg());
     let p = prompts()[4].clone();
     let mut rxs: Vec<_> = (0..4)
-        .map(|_| h.submit(GenerateRequest { prompt_ids: p.clone(), params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(500) } }).unwrap())
+        .map(|_| h.submit(GenerateRequest { prompt_ids: p.clone(), params: SamplingParams { ignore_eos: true, ..SamplingParams::greedy(500) }, adapter: None }).unwrap())
         .collect();
     // Let them start decoding, then hang up.
     let _ = rxs[0].blocking_recv().unwrap();
@@ -105,9 +105,9 @@ fn dropping_the_receiver_cancels_and_frees_every_block() {
 #[test]
 fn impossible_requests_are_refused_at_submit_with_the_numbers() {
     let h = start(EngineConfig { max_model_len: Some(100), ..default_cfg() });
-    let err = h.submit(GenerateRequest { prompt_ids: vec![1; 90], params: SamplingParams::greedy(20) }).err().expect("refused");
+    let err = h.submit(GenerateRequest { prompt_ids: vec![1; 90], params: SamplingParams::greedy(20), adapter: None }).err().expect("refused");
     let msg = err.to_string();
     assert!(msg.contains("100") && msg.contains("110") && msg.contains("90"), "{msg}");
-    let err = h.submit(GenerateRequest { prompt_ids: vec![], params: SamplingParams::greedy(2) }).err().expect("refused");
+    let err = h.submit(GenerateRequest { prompt_ids: vec![], params: SamplingParams::greedy(2), adapter: None }).err().expect("refused");
     assert!(matches!(err, engine::EngineError::InvalidParam { .. }));
 }

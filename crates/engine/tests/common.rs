@@ -57,5 +57,5 @@ pub fn collect(mut rx: engine::RequestStream) -> Done {
 }
 
 pub fn run(h: &EngineHandle, prompt: Vec<u32>, params: SamplingParams) -> Done {
-    collect(h.submit(GenerateRequest { prompt_ids: prompt, params }).expect("submit"))
+    collect(h.submit(GenerateRequest { prompt_ids: prompt, params, adapter: None }).expect("submit"))
 }

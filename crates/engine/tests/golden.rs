@@ -75,6 +75,7 @@ fn forward_last(model: &engine::model::LlamaModel, pool: &engine::threadpool::Th
         seqs: vec![SeqInput { query_start: 0, query_len: prompt.len(), context_len: prompt.len(), block_table: &table }],
         slot_mapping: &positions,
         logits_rows: &[prompt.len() - 1],
+        lora: Vec::new(),
     };
     model.forward(pool, &batch, &mut cache)
 }

@@ -93,7 +93,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), ConfigError> {
     }
     let params = SamplingParams { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
     let t0 = Instant::now();
-    let mut rx = h.submit(GenerateRequest { prompt_ids: ids.clone(), params }).map_err(|e| ConfigError(e.to_string()))?;
+    let mut rx = h.submit(GenerateRequest { prompt_ids: ids.clone(), params, adapter: None }).map_err(|e| ConfigError(e.to_string()))?;
     let (mut first, mut last, mut n) = (None, t0, 0usize);
     let mut out = std::io::stdout().lock();
     let mut reason = None;

@@ -53,6 +53,7 @@ impl Plan {
                 out.push(GenerateRequest {
                     prompt_ids: p.ids.clone(),
                     params,
+                    adapter: None,
                 });
             }
         }
