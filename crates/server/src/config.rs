@@ -85,6 +85,9 @@ pub struct ServeArgs {
     /// Largest accepted request body (suffixes accepted, as for --kv-cache-bytes).
     #[arg(long, env = "TESSERA_MAX_BODY_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
     pub max_body_bytes: usize,
+    /// Most distinct LoRA adapters in one engine step.
+    #[arg(long, env = "TESSERA_MAX_LORAS", default_value_t = 8)]
+    pub max_loras: usize,
     /// Log line format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "TESSERA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -125,6 +128,7 @@ impl ServeArgs {
             max_model_len: self.max_model_len,
             threads,
             max_queued_requests: self.max_queued_requests,
+            max_loras: self.max_loras,
             observer: None,
         };
         let server = ServerOptions {
@@ -168,6 +172,9 @@ impl ServeArgs {
         }
         if self.threads == Some(0) {
             return err("--threads must be at least 1");
+        }
+        if self.max_loras == 0 {
+            return err("--max-loras must be at least 1");
         }
         if self.max_queued_requests == 0 {
             return err("--max-queued-requests must be at least 1");

@@ -144,6 +144,10 @@ impl From<EngineError> for ApiError {
                 param: None,
                 message: m,
             },
+            EngineError::Adapter(m) => ApiError::InvalidParam {
+                param: Some("lora_path".into()),
+                message: m,
+            },
             EngineError::Load(_) | EngineError::Internal(_) => ApiError::Internal(e.to_string()),
         }
     }
