@@ -88,6 +88,7 @@ impl Engine {
         let shared = Arc::new(Shared {
             tx,
             info: info.clone(),
+            model_config: model.config.clone(),
             tokenizer: tokenizer.clone(),
             chat_template,
             stats: stats.clone(),

@@ -109,6 +109,7 @@ impl RequestStream {
 pub(crate) struct Shared {
     pub(crate) tx: std::sync::mpsc::Sender<Command>,
     pub(crate) info: ModelInfo,
+    pub(crate) model_config: crate::model::ModelConfig,
     pub(crate) tokenizer: Arc<Tokenizer>,
     pub(crate) chat_template: Option<Arc<ChatTemplate>>,
     pub(crate) stats: Arc<EngineStats>,
@@ -174,6 +175,11 @@ impl EngineHandle {
 
     pub fn info(&self) -> &ModelInfo {
         &self.shared.info
+    }
+
+    /// The resolved configuration of the loaded model (adapters are validated against it).
+    pub fn model_config(&self) -> &crate::model::ModelConfig {
+        &self.shared.model_config
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
