@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::cpu::matmul::{Linear, Weight};
 use crate::cpu::ops::Rope;
-use crate::model::{Attention, DecoderLayer, LlamaModel, Mlp, ModelConfig, RopeScaling};
+use crate::model::{Activation, Attention, DecoderLayer, LlamaModel, Mlp, ModelConfig, RopeScaling, Variant};
 use crate::tokenizer::Tokenizer;
 use crate::{EngineError, Result};
 
@@ -102,15 +102,19 @@ fn load_gguf(path: &Path) -> Result<Loaded> {
         Some(Value::String(s)) => s.clone(),
         _ => return Err(err("GGUF metadata general.architecture is missing")),
     };
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-        return Err(err(format!("GGUF architecture {arch:?} is not supported (supported: llama, mistral, qwen2)")));
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2" | "gemma3") {
+        return Err(err(format!("GGUF architecture {arch:?} is not supported (supported: llama, mistral, qwen2, gemma3)")));
     }
     let p = |k: &str| format!("{arch}.{k}");
     let hidden = g.u(&p("embedding_length"))?;
     let num_heads = g.u(&p("attention.head_count"))?;
     let num_kv_heads = g.u(&p("attention.head_count_kv")).unwrap_or(num_heads);
     let head_dim = g.u(&p("attention.key_length")).unwrap_or(hidden / num_heads.max(1));
-    let tokenizer = Tokenizer::from_gguf(&g.content)?;
+    let mut tokenizer = Tokenizer::from_gguf(&g.content)?;
+    if arch == "gemma3" && tokenizer.chat_template().is_none() {
+        // Many Gemma 3 GGUF files carry no template; this is Google's, as llama.cpp falls back to.
+        tokenizer.set_chat_template(crate::chat::GEMMA3_TEMPLATE.to_string());
+    }
     // The file name, as llama-server reports it: GGUF `general.name` is free text
     // (often with spaces), awkward as the `model` field of every request.
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -122,12 +126,31 @@ fn load_gguf(path: &Path) -> Result<Loaded> {
         }
         Some(v) => return Err(err(format!("GGUF rope scaling {v:?} is not supported yet"))),
     };
+    let num_layers = g.u(&p("block_count"))?;
+    let variant = if arch == "gemma3" {
+        let window = g.u(&p("attention.sliding_window")).unwrap_or(512);
+        // llama.cpp's default pattern for Gemma 3: every 6th layer is global.
+        let pattern = g.u(&p("attention.sliding_window_pattern")).unwrap_or(6).max(1);
+        Variant {
+            norm_offset: 0.0, // the GGUF conversion stored 1 + w
+            embed_scale: (hidden as f32).sqrt(),
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            activation: Activation::GeluTanh,
+            local_layers: (0..num_layers).map(|i| i % pattern < pattern - 1).collect(),
+            sliding_window: Some(window),
+            rope_local_theta: Some(10_000.0),
+            attn_softcap: g.f(&p("attn_logit_softcapping")),
+            final_softcap: g.f(&p("final_logit_softcapping")),
+        }
+    } else {
+        Variant::llama(num_layers, head_dim)
+    };
     let vocab_size = g.content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims()[0]).ok_or_else(|| err("token_embd.weight is missing"))?;
     let config = ModelConfig {
         name,
         hidden_size: hidden,
         intermediate_size: g.u(&p("feed_forward_length"))?,
-        num_layers: g.u(&p("block_count"))?,
+        num_layers,
         num_heads,
         num_kv_heads,
         head_dim,
@@ -136,14 +159,15 @@ fn load_gguf(path: &Path) -> Result<Loaded> {
         rope_theta: g.f(&p("rope.freq_base")).unwrap_or(10_000.0),
         rope_scaling: scaling,
         // llama.cpp's converter permutes Q/K rows of llama-arch models for interleaved RoPE.
-        rope_interleaved: arch != "qwen2",
+        rope_interleaved: matches!(arch.as_str(), "llama" | "mistral"),
         max_position_embeddings: g.u(&p("context_length")).unwrap_or(2048),
+        variant,
     };
     config.check()?;
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
         let b = |s: &str| format!("blk.{i}.{s}");
-        let bias = |g: &mut Gguf, s: &str| -> Result<Option<Vec<f32>>> {
+        let opt = |g: &mut Gguf, s: &str| -> Result<Option<Vec<f32>>> {
             let n = b(s);
             if g.has(&n) {
                 g.vec_f32(&n).map(Some)
@@ -158,10 +182,14 @@ fn load_gguf(path: &Path) -> Result<Loaded> {
                 k_proj: g.linear(&b("attn_k.weight"))?,
                 v_proj: g.linear(&b("attn_v.weight"))?,
                 o_proj: g.linear(&b("attn_output.weight"))?,
-                q_bias: bias(&mut g, "attn_q.bias")?,
-                k_bias: bias(&mut g, "attn_k.bias")?,
-                v_bias: bias(&mut g, "attn_v.bias")?,
+                q_bias: opt(&mut g, "attn_q.bias")?,
+                k_bias: opt(&mut g, "attn_k.bias")?,
+                v_bias: opt(&mut g, "attn_v.bias")?,
+                q_norm: opt(&mut g, "attn_q_norm.weight")?,
+                k_norm: opt(&mut g, "attn_k_norm.weight")?,
             },
+            attn_output_norm: opt(&mut g, "post_attention_norm.weight")?,
+            mlp_output_norm: opt(&mut g, "post_ffw_norm.weight")?,
             post_attention_layernorm: g.vec_f32(&b("ffn_norm.weight"))?,
             mlp: Mlp {
                 gate_proj: g.linear(&b("ffn_gate.weight"))?,
@@ -199,8 +227,13 @@ fn finish(config: ModelConfig, embed_tokens: Linear, layers: Vec<DecoderLayer>, 
     if !shape_ok(&embed_tokens, c.vocab_size, c.hidden_size) || !shape_ok(&lm_head, c.vocab_size, c.hidden_size) {
         return Err(err("embedding or output weights do not match the config"));
     }
-    let rope = Rope::new(&config.rope_inv_freq(), config.max_position_embeddings, config.rope_interleaved, 1.0);
-    Ok(LlamaModel { config, embed_tokens, layers, norm, lm_head, rope })
+    let rope = Rope::new(&config.rope_inv_freq(config.rope_theta), config.max_position_embeddings, config.rope_interleaved, 1.0);
+    let rope_local = config
+        .variant
+        .rope_local_theta
+        .filter(|&t| t != config.rope_theta)
+        .map(|t| Rope::new(&config.rope_inv_freq_unscaled(t), config.max_position_embeddings, config.rope_interleaved, 1.0));
+    Ok(LlamaModel { config, embed_tokens, layers, norm, lm_head, rope, rope_local })
 }
 
 // ---------------------------------------------------------------- Hugging Face folders
@@ -210,30 +243,35 @@ fn load_hf(dir: &Path) -> Result<Loaded> {
     let raw = std::fs::read_to_string(&cfg_path).map_err(|e| err(format!("{}: {e}", cfg_path.display())))?;
     let j: serde_json::Value = serde_json::from_str(&raw).map_err(|e| err(format!("{}: {e}", cfg_path.display())))?;
     let model_type = j["model_type"].as_str().unwrap_or("llama");
-    if !matches!(model_type, "llama" | "mistral" | "qwen2") {
-        return Err(err(format!("model_type {model_type:?} is not supported (supported: llama, mistral, qwen2)")));
+    if !matches!(model_type, "llama" | "mistral" | "qwen2" | "gemma3_text") {
+        return Err(err(format!("model_type {model_type:?} is not supported (supported: llama, mistral, qwen2, gemma3_text)")));
     }
+    let gemma = model_type == "gemma3_text";
     let get = |k: &str| j[k].as_u64().map(|v| v as usize).ok_or_else(|| err(format!("config.json: {k} is missing")));
     let hidden = get("hidden_size")?;
     let num_heads = get("num_attention_heads")?;
     let rope_theta = j["rope_theta"].as_f64().or_else(|| j["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10_000.0) as f32;
+    let num_layers = get("num_hidden_layers")?;
+    let head_dim = get("head_dim").unwrap_or(hidden / num_heads.max(1));
+    let variant = if gemma { gemma3_variant(&j, num_layers, hidden)? } else { Variant::llama(num_layers, head_dim) };
     let config = ModelConfig {
         name: dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         hidden_size: hidden,
         intermediate_size: get("intermediate_size")?,
-        num_layers: get("num_hidden_layers")?,
+        num_layers,
         num_heads,
         num_kv_heads: get("num_key_value_heads").unwrap_or(num_heads),
-        head_dim: get("head_dim").unwrap_or(hidden / num_heads.max(1)),
+        head_dim,
         vocab_size: get("vocab_size")?,
         rms_norm_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
         rope_theta,
         rope_scaling: hf_rope_scaling(&j)?,
         rope_interleaved: false,
         max_position_embeddings: get("max_position_embeddings").unwrap_or(2048),
+        variant,
     };
     config.check()?;
-    let tie = j["tie_word_embeddings"].as_bool().unwrap_or(false);
+    let tie = j["tie_word_embeddings"].as_bool().unwrap_or(gemma);
     let mut tensors = HashMap::new();
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| err(format!("{}: {e}", dir.display())))?
@@ -260,8 +298,24 @@ fn load_hf(dir: &Path) -> Result<Loaded> {
         let q_bias = opt("self_attn.q_proj.bias").map(to_vec).transpose()?;
         let k_bias = opt("self_attn.k_proj.bias").map(to_vec).transpose()?;
         let v_bias = opt("self_attn.v_proj.bias").map(to_vec).transpose()?;
+        let q_norm = opt("self_attn.q_norm.weight").map(to_vec).transpose()?;
+        let k_norm = opt("self_attn.k_norm.weight").map(to_vec).transpose()?;
+        // Gemma: post_attention_layernorm normalizes the attention output and
+        // pre_feedforward_layernorm comes before the MLP; Llama has only the latter,
+        // under the name post_attention_layernorm.
+        let (attn_output_norm, pre_mlp, mlp_output_norm) = if gemma {
+            (
+                Some(to_vec(take(&format!("{pre}.post_attention_layernorm.weight"))?)?),
+                to_vec(take(&format!("{pre}.pre_feedforward_layernorm.weight"))?)?,
+                Some(to_vec(take(&format!("{pre}.post_feedforward_layernorm.weight"))?)?),
+            )
+        } else {
+            (None, to_vec(take(&format!("{pre}.post_attention_layernorm.weight"))?)?, None)
+        };
         layers.push(DecoderLayer {
             input_layernorm: to_vec(take(&format!("{pre}.input_layernorm.weight"))?)?,
+            attn_output_norm,
+            mlp_output_norm,
             self_attn: Attention {
                 q_proj: linear(take(&format!("{pre}.self_attn.q_proj.weight"))?)?,
                 k_proj: linear(take(&format!("{pre}.self_attn.k_proj.weight"))?)?,
@@ -270,8 +324,10 @@ fn load_hf(dir: &Path) -> Result<Loaded> {
                 q_bias,
                 k_bias,
                 v_bias,
+                q_norm,
+                k_norm,
             },
-            post_attention_layernorm: to_vec(take(&format!("{pre}.post_attention_layernorm.weight"))?)?,
+            post_attention_layernorm: pre_mlp,
             mlp: Mlp {
                 gate_proj: linear(take(&format!("{pre}.mlp.gate_proj.weight"))?)?,
                 up_proj: linear(take(&format!("{pre}.mlp.up_proj.weight"))?)?,
@@ -285,6 +341,34 @@ fn load_hf(dir: &Path) -> Result<Loaded> {
     let tokenizer = Tokenizer::from_hf_dir(dir)?;
     let model = finish(config, embed_tokens, layers, norm, lm_head)?;
     Ok(Loaded { model, tokenizer })
+}
+
+/// Gemma 3 text config: local/global layer pattern, scales, soft-caps.
+fn gemma3_variant(j: &serde_json::Value, num_layers: usize, hidden: usize) -> Result<Variant> {
+    let local_layers = match j["layer_types"].as_array() {
+        Some(types) => {
+            if types.len() != num_layers {
+                return Err(err(format!("config.json: layer_types has {} entries for {num_layers} layers", types.len())));
+            }
+            types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect()
+        }
+        None => {
+            let pattern = j["sliding_window_pattern"].as_u64().unwrap_or(6).max(1) as usize;
+            (0..num_layers).map(|i| (i + 1) % pattern != 0).collect()
+        }
+    };
+    let qpas = j["query_pre_attn_scalar"].as_f64().unwrap_or(256.0);
+    Ok(Variant {
+        norm_offset: 1.0,
+        embed_scale: (hidden as f32).sqrt(),
+        attn_scale: (1.0 / qpas.sqrt()) as f32,
+        activation: Activation::GeluTanh,
+        local_layers,
+        sliding_window: Some(j["sliding_window"].as_u64().unwrap_or(512) as usize),
+        rope_local_theta: Some(j["rope_local_base_freq"].as_f64().unwrap_or(10_000.0) as f32),
+        attn_softcap: j["attn_logit_softcapping"].as_f64().map(|v| v as f32),
+        final_softcap: j["final_logit_softcapping"].as_f64().map(|v| v as f32),
+    })
 }
 
 fn tensors_opt(take: &mut impl FnMut(&str) -> Result<Tensor>, name: &str) -> Option<Tensor> {

@@ -39,6 +39,54 @@ pub struct ModelConfig {
     /// GGUF llama weights rotate interleaved pairs; HF weights rotate halves.
     pub rope_interleaved: bool,
     pub max_position_embeddings: usize,
+    /// The family-specific parts (Llama defaults: [`Variant::llama`]).
+    pub variant: Variant,
+}
+
+/// MLP activation of the gated unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Mistral, Qwen2).
+    Silu,
+    /// GeGLU with the tanh approximation (Gemma).
+    GeluTanh,
+}
+
+/// What distinguishes the families this model code serves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Added to every RMSNorm weight: Gemma checkpoints store `w` for `x * (1 + w)`
+    /// (GGUF conversion already added the 1, so 0 there).
+    pub norm_offset: f32,
+    /// Token embeddings are multiplied by this (Gemma: sqrt(hidden)).
+    pub embed_scale: f32,
+    /// Multiplies q·k (usually 1/sqrt(head_dim)).
+    pub attn_scale: f32,
+    pub activation: Activation,
+    /// Per layer: true for a sliding-window (local) layer.
+    pub local_layers: Vec<bool>,
+    /// Window of the local layers.
+    pub sliding_window: Option<usize>,
+    /// RoPE base of the local layers (Gemma 3: 10k; global layers use `rope_theta`).
+    pub rope_local_theta: Option<f32>,
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+}
+
+impl Variant {
+    pub fn llama(num_layers: usize, head_dim: usize) -> Self {
+        Variant {
+            norm_offset: 0.0,
+            embed_scale: 1.0,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            activation: Activation::Silu,
+            local_layers: vec![false; num_layers],
+            sliding_window: None,
+            rope_local_theta: None,
+            attn_softcap: None,
+            final_softcap: None,
+        }
+    }
 }
 
 impl ModelConfig {
@@ -56,10 +104,16 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// `inv_freq[i]` for the rotary half-dimension, with the scaling applied.
-    pub fn rope_inv_freq(&self) -> Vec<f32> {
+    /// `inv_freq[i]` for base `theta` without scaling (Gemma 3's local layers).
+    pub fn rope_inv_freq_unscaled(&self, theta: f32) -> Vec<f32> {
         let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / (self.rope_theta as f64).powf(2.0 * i as f64 / d as f64)).collect();
+        (0..d / 2).map(|i| (1.0 / (theta as f64).powf(2.0 * i as f64 / d as f64)) as f32).collect()
+    }
+
+    /// `inv_freq[i]` for the rotary half-dimension, with the configured scaling applied.
+    pub fn rope_inv_freq(&self, theta: f32) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / d as f64)).collect();
         match &self.rope_scaling {
             RopeScaling::None => base.iter().map(|&f| f as f32).collect(),
             RopeScaling::Linear { factor } => base.iter().map(|&f| (f / *factor as f64) as f32).collect(),
@@ -87,6 +141,9 @@ impl ModelConfig {
 }
 
 pub struct Attention {
+    /// Per-head RMSNorm of queries and keys (Gemma 3).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
@@ -102,11 +159,17 @@ pub struct Mlp {
     pub down_proj: Linear,
 }
 
+/// Norm names follow Llama: `input_layernorm` before attention, `post_attention_layernorm`
+/// before the MLP. Gemma's extra norms on the outputs of attention and MLP (its
+/// `post_attention_layernorm` and `post_feedforward_layernorm`) are `attn_output_norm`
+/// and `mlp_output_norm`.
 pub struct DecoderLayer {
     pub input_layernorm: Vec<f32>,
     pub self_attn: Attention,
+    pub attn_output_norm: Option<Vec<f32>>,
     pub post_attention_layernorm: Vec<f32>,
     pub mlp: Mlp,
+    pub mlp_output_norm: Option<Vec<f32>>,
 }
 
 pub struct LlamaModel {
@@ -118,6 +181,8 @@ pub struct LlamaModel {
     /// `[vocab, hidden]`; the embedding matrix when tied.
     pub lm_head: Linear,
     pub rope: Rope,
+    /// RoPE of the sliding-window layers when their base differs (Gemma 3).
+    pub rope_local: Option<Rope>,
 }
 
 /// One sequence of a packed step.
@@ -171,12 +236,16 @@ impl LlamaModel {
         let c = &self.config;
         let (t, hdim) = (batch.token_ids.len(), c.hidden_size);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let v = &c.variant;
         let mut x = vec![0f32; t * hdim];
         for (row, &id) in x.chunks_exact_mut(hdim).zip(batch.token_ids) {
             self.embed_tokens.weight.dequant_rows(id as usize, hdim, row);
+            if v.embed_scale != 1.0 {
+                row.iter_mut().for_each(|e| *e *= v.embed_scale);
+            }
         }
         let mut h = vec![0f32; t * hdim];
-        let (mut q, mut k, mut v) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
+        let (mut q, mut k, mut vv) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
         let mut attn = vec![0f32; t * qd];
         let (mut gate, mut up) = (vec![0f32; t * c.intermediate_size], vec![0f32; t * c.intermediate_size]);
         let seqs: Vec<SeqAttn<'_>> = batch
@@ -184,49 +253,71 @@ impl LlamaModel {
             .iter()
             .map(|s| SeqAttn { query_start: s.query_start, query_len: s.query_len, context_len: s.context_len, block_table: s.block_table })
             .collect();
-        let params = AttnParams {
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            block_size: cache.layout.block_size,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-            sliding_window: None,
-            softcap: None,
-            alibi_slopes: None,
-        };
+        let eps = c.rms_norm_eps;
         for (li, layer) in self.layers.iter().enumerate() {
-            ops::rms_norm(&x, &layer.input_layernorm, c.rms_norm_eps, 0.0, &mut h);
+            let local = v.local_layers.get(li).copied().unwrap_or(false);
+            let params = AttnParams {
+                num_heads: c.num_heads,
+                num_kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                block_size: cache.layout.block_size,
+                scale: v.attn_scale,
+                sliding_window: if local { v.sliding_window } else { None },
+                softcap: v.attn_softcap,
+                alibi_slopes: None,
+            };
+            ops::rms_norm(&x, &layer.input_layernorm, eps, v.norm_offset, &mut h);
             let a = &layer.self_attn;
             a.q_proj.forward(pool, &h, t, &mut q);
             a.k_proj.forward(pool, &h, t, &mut k);
-            a.v_proj.forward(pool, &h, t, &mut v);
+            a.v_proj.forward(pool, &h, t, &mut vv);
             let ad = |m: Module, x: &[f32], y: &mut [f32]| lora::apply(pool, &batch.lora, li, m, x, y);
             ad(Module::Q, &h, &mut q);
             ad(Module::K, &h, &mut k);
-            ad(Module::V, &h, &mut v);
-            for (buf, bias) in [(&mut q, &a.q_bias), (&mut k, &a.k_bias), (&mut v, &a.v_bias)] {
+            ad(Module::V, &h, &mut vv);
+            for (buf, bias) in [(&mut q, &a.q_bias), (&mut k, &a.k_bias), (&mut vv, &a.v_bias)] {
                 if let Some(b) = bias {
                     buf.chunks_exact_mut(b.len()).for_each(|r| ops::add_inplace(r, b));
                 }
             }
-            for (i, &pos) in batch.positions.iter().enumerate() {
-                self.rope.apply(&mut q[i * qd..(i + 1) * qd], c.head_dim, pos);
-                self.rope.apply(&mut k[i * kvd..(i + 1) * kvd], c.head_dim, pos);
+            if let Some(w) = &a.q_norm {
+                ops::rms_norm_inplace(&mut q, w, eps, v.norm_offset);
             }
-            cache.write(li, batch.slot_mapping, &k, &v);
+            if let Some(w) = &a.k_norm {
+                ops::rms_norm_inplace(&mut k, w, eps, v.norm_offset);
+            }
+            let rope = if local { self.rope_local.as_ref().unwrap_or(&self.rope) } else { &self.rope };
+            for (i, &pos) in batch.positions.iter().enumerate() {
+                rope.apply(&mut q[i * qd..(i + 1) * qd], c.head_dim, pos);
+                rope.apply(&mut k[i * kvd..(i + 1) * kvd], c.head_dim, pos);
+            }
+            cache.write(li, batch.slot_mapping, &k, &vv);
             paged_attention(pool, &q, &cache.k[li], &cache.v[li], &seqs, &params, &mut attn);
             a.o_proj.forward(pool, &attn, t, &mut h);
             ad(Module::O, &attn, &mut h);
+            if let Some(w) = &layer.attn_output_norm {
+                ops::rms_norm_inplace(&mut h, w, eps, v.norm_offset);
+            }
             ops::add_inplace(&mut x, &h);
-            ops::rms_norm(&x, &layer.post_attention_layernorm, c.rms_norm_eps, 0.0, &mut h);
+            ops::rms_norm(&x, &layer.post_attention_layernorm, eps, v.norm_offset, &mut h);
             layer.mlp.gate_proj.forward(pool, &h, t, &mut gate);
             layer.mlp.up_proj.forward(pool, &h, t, &mut up);
             ad(Module::Gate, &h, &mut gate);
             ad(Module::Up, &h, &mut up);
             let inter = c.intermediate_size;
-            par_rows(pool, &mut gate, inter, &|r, g| ops::silu_mul(g, &up[r * inter..(r + 1) * inter]));
+            let act = v.activation;
+            par_rows(pool, &mut gate, inter, &|r, g| {
+                let u = &up[r * inter..(r + 1) * inter];
+                match act {
+                    Activation::Silu => ops::silu_mul(g, u),
+                    Activation::GeluTanh => ops::gelu_tanh_mul(g, u),
+                }
+            });
             layer.mlp.down_proj.forward(pool, &gate, t, &mut h);
             ad(Module::Down, &gate, &mut h);
+            if let Some(w) = &layer.mlp_output_norm {
+                ops::rms_norm_inplace(&mut h, w, eps, v.norm_offset);
+            }
             ops::add_inplace(&mut x, &h);
         }
         let n = batch.logits_rows.len();
@@ -234,9 +325,12 @@ impl LlamaModel {
         for (dst, &r) in rows.chunks_exact_mut(hdim).zip(batch.logits_rows) {
             dst.copy_from_slice(&x[r * hdim..(r + 1) * hdim]);
         }
-        ops::rms_norm_inplace(&mut rows, &self.norm, c.rms_norm_eps, 0.0);
+        ops::rms_norm_inplace(&mut rows, &self.norm, c.rms_norm_eps, c.variant.norm_offset);
         let mut logits = vec![0f32; n * c.vocab_size];
         self.lm_head.forward(pool, &rows, n, &mut logits);
+        if let Some(cap) = c.variant.final_softcap {
+            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        }
         logits
     }
 

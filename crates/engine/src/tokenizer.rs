@@ -480,6 +480,11 @@ impl Tokenizer {
         Ok((inner, PieceStyle::SentencePiece, true))
     }
 
+    /// Sets the chat template (for models whose files carry none).
+    pub fn set_chat_template(&mut self, template: String) {
+        self.chat_template = Some(template);
+    }
+
     /// The tokenizer as a Hugging Face `tokenizer.json` (to export a GGUF model's
     /// tokenizer into a model folder).
     pub fn to_tokenizer_json(&self) -> Result<String> {
