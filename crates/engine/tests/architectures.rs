@@ -1,0 +1,268 @@
+//! Tiny random-weight Hugging Face folders (Llama with GQA, Qwen2 with q/k/v biases and
+//! MQA, Gemma 3 with q/k norms, output norms, GeGLU, sliding-window and global layers,
+//! soft-caps) load through the one model code and compute what a naive full-softmax f64
+//! reference computes from the same tensors, at every position.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::*;
+use rand::{Rng, SeedableRng};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Arch {
+    Llama,
+    Qwen2,
+    Gemma3,
+}
+
+struct Tiny {
+    arch: Arch,
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    window: usize,
+}
+
+type Weights = HashMap<String, (Vec<f32>, Vec<usize>)>;
+
+fn write_folder(t: &Tiny, dir: &Path, seed: u64) -> Weights {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut w: Weights = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| offset + rng.random_range(-scale..scale)).collect();
+        w.insert(name, (v, shape));
+    };
+    let (h, q, kv) = (t.hidden, t.heads * t.head_dim, t.kv_heads * t.head_dim);
+    let norm_base = if t.arch == Arch::Gemma3 { 0.0 } else { 1.0 };
+    put("model.embed_tokens.weight".into(), vec![t.vocab, h], 1.0, 0.0);
+    put("model.norm.weight".into(), vec![h], 0.2, norm_base);
+    for l in 0..t.layers {
+        let p = format!("model.layers.{l}");
+        put(format!("{p}.input_layernorm.weight"), vec![h], 0.2, norm_base);
+        put(format!("{p}.self_attn.q_proj.weight"), vec![q, h], 0.3, 0.0);
+        put(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], 0.3, 0.0);
+        put(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], 0.3, 0.0);
+        put(format!("{p}.self_attn.o_proj.weight"), vec![h, q], 0.3, 0.0);
+        put(format!("{p}.mlp.gate_proj.weight"), vec![t.inter, h], 0.3, 0.0);
+        put(format!("{p}.mlp.up_proj.weight"), vec![t.inter, h], 0.3, 0.0);
+        put(format!("{p}.mlp.down_proj.weight"), vec![h, t.inter], 0.3, 0.0);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.2, norm_base);
+        if t.arch == Arch::Qwen2 {
+            put(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.5, 0.0);
+            put(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.5, 0.0);
+            put(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.5, 0.0);
+        }
+        if t.arch == Arch::Gemma3 {
+            put(format!("{p}.self_attn.q_norm.weight"), vec![t.head_dim], 0.2, 0.0);
+            put(format!("{p}.self_attn.k_norm.weight"), vec![t.head_dim], 0.2, 0.0);
+            put(format!("{p}.pre_feedforward_layernorm.weight"), vec![h], 0.2, 0.0);
+            put(format!("{p}.post_feedforward_layernorm.weight"), vec![h], 0.2, 0.0);
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let tensors: HashMap<String, Tensor> =
+        w.iter().map(|(k, (v, s))| (k.clone(), Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap())).collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let mut cfg = serde_json::json!({
+        "model_type": match t.arch { Arch::Llama => "llama", Arch::Qwen2 => "qwen2", Arch::Gemma3 => "gemma3_text" },
+        "hidden_size": h, "intermediate_size": t.inter, "num_hidden_layers": t.layers,
+        "num_attention_heads": t.heads, "num_key_value_heads": t.kv_heads, "head_dim": t.head_dim,
+        "vocab_size": t.vocab, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": true,
+    });
+    if t.arch == Arch::Gemma3 {
+        cfg["rope_theta"] = 1_000_000.0.into();
+        cfg["rope_local_base_freq"] = 10_000.0.into();
+        cfg["sliding_window"] = t.window.into();
+        cfg["layer_types"] = serde_json::json!(["sliding_attention", "full_attention", "sliding_attention"]);
+        cfg["query_pre_attn_scalar"] = 24.into();
+        cfg["attn_logit_softcapping"] = 20.0.into();
+        cfg["final_logit_softcapping"] = 15.0.into();
+    }
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let tok = engine::loader::load(&model_path()).unwrap().tokenizer;
+    std::fs::write(dir.join("tokenizer.json"), tok.to_tokenizer_json().unwrap()).unwrap();
+    w
+}
+
+fn get<'a>(w: &'a Weights, k: &str) -> &'a [f32] {
+    &w[k].0
+}
+
+fn rms(x: &[f64], w: &[f32], off: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let s = 1.0 / (ms + 1e-6).sqrt();
+    x.iter().zip(w).map(|(v, &g)| v * s * (g as f64 + off)).collect()
+}
+
+fn matvec(w: &[f32], x: &[f64], out: usize) -> Vec<f64> {
+    let k = x.len();
+    (0..out).map(|o| (0..k).map(|i| w[o * k + i] as f64 * x[i]).sum()).collect()
+}
+
+/// Half-split RoPE at position `pos` with base `theta`.
+fn rope(x: &mut [f64], d: usize, pos: usize, theta: f64) {
+    for head in x.chunks_mut(d) {
+        for i in 0..d / 2 {
+            let a = pos as f64 / theta.powf(2.0 * i as f64 / d as f64);
+            let (c, s) = (a.cos(), a.sin());
+            let (x0, x1) = (head[i], head[i + d / 2]);
+            head[i] = x0 * c - x1 * s;
+            head[i + d / 2] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// Logits at every position of `tokens`, computed naively in f64.
+fn reference(t: &Tiny, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let gemma = t.arch == Arch::Gemma3;
+    let off = if gemma { 1.0 } else { 0.0 };
+    let (h, d) = (t.hidden, t.head_dim);
+    let emb = get(w, "model.embed_tokens.weight");
+    let scale = if gemma { (h as f64).sqrt() } else { 1.0 };
+    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&id| emb[id as usize * h..(id as usize + 1) * h].iter().map(|&v| v as f64 * scale).collect()).collect();
+    let n = tokens.len();
+    for l in 0..t.layers {
+        let p = format!("model.layers.{l}");
+        let local = gemma && l != 1;
+        let theta = if gemma && !local { 1_000_000.0 } else { 10_000.0 };
+        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+        for (pos, x) in xs.iter().enumerate() {
+            let hn = rms(x, get(w, &format!("{p}.input_layernorm.weight")), off);
+            let mut q = matvec(get(w, &format!("{p}.self_attn.q_proj.weight")), &hn, t.heads * d);
+            let mut k = matvec(get(w, &format!("{p}.self_attn.k_proj.weight")), &hn, t.kv_heads * d);
+            let mut v = matvec(get(w, &format!("{p}.self_attn.v_proj.weight")), &hn, t.kv_heads * d);
+            if t.arch == Arch::Qwen2 {
+                for (buf, b) in [(&mut q, "q"), (&mut k, "k"), (&mut v, "v")] {
+                    buf.iter_mut().zip(get(w, &format!("{p}.self_attn.{b}_proj.bias"))).for_each(|(a, &b)| *a += b as f64);
+                }
+            }
+            if gemma {
+                q = q.chunks(d).flat_map(|c| rms(c, get(w, &format!("{p}.self_attn.q_norm.weight")), off)).collect();
+                k = k.chunks(d).flat_map(|c| rms(c, get(w, &format!("{p}.self_attn.k_norm.weight")), off)).collect();
+            }
+            rope(&mut q, d, pos, theta);
+            rope(&mut k, d, pos, theta);
+            qs.push(q);
+            ks.push(k);
+            vs.push(v);
+        }
+        let att_scale = if gemma { 1.0 / 24f64.sqrt() } else { 1.0 / (d as f64).sqrt() };
+        for i in 0..n {
+            let mut o = vec![0f64; t.heads * d];
+            for hh in 0..t.heads {
+                let g = hh / (t.heads / t.kv_heads);
+                let lo = if local { (i + 1).saturating_sub(t.window) } else { 0 };
+                let mut sc: Vec<f64> = (lo..=i)
+                    .map(|j| {
+                        let s = (0..d).map(|e| qs[i][hh * d + e] * ks[j][g * d + e]).sum::<f64>() * att_scale;
+                        if gemma { 20.0 * (s / 20.0).tanh() } else { s }
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                sc.iter_mut().for_each(|s| *s = (*s - m).exp());
+                let z: f64 = sc.iter().sum();
+                for e in 0..d {
+                    o[hh * d + e] = (lo..=i).zip(&sc).map(|(j, p)| p * vs[j][g * d + e]).sum::<f64>() / z;
+                }
+            }
+            let mut a = matvec(get(w, &format!("{p}.self_attn.o_proj.weight")), &o, h);
+            if gemma {
+                a = rms(&a, get(w, &format!("{p}.post_attention_layernorm.weight")), off);
+            }
+            let x: Vec<f64> = xs[i].iter().zip(&a).map(|(x, a)| x + a).collect();
+            let pre = if gemma { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
+            let hn = rms(&x, get(w, &format!("{p}.{pre}.weight")), off);
+            let gt = matvec(get(w, &format!("{p}.mlp.gate_proj.weight")), &hn, t.inter);
+            let up = matvec(get(w, &format!("{p}.mlp.up_proj.weight")), &hn, t.inter);
+            let act: Vec<f64> = gt
+                .iter()
+                .zip(&up)
+                .map(|(&g, &u)| {
+                    let a = if gemma { 0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh()) } else { g / (1.0 + (-g).exp()) };
+                    a * u
+                })
+                .collect();
+            let mut m = matvec(get(w, &format!("{p}.mlp.down_proj.weight")), &act, h);
+            if gemma {
+                m = rms(&m, get(w, &format!("{p}.post_feedforward_layernorm.weight")), off);
+            }
+            xs[i] = x.iter().zip(&m).map(|(x, m)| x + m).collect();
+        }
+    }
+    xs.iter()
+        .map(|x| {
+            let hn = rms(x, get(w, "model.norm.weight"), off);
+            let l = matvec(emb, &hn, t.vocab);
+            if gemma { l.iter().map(|v| 15.0 * (v / 15.0).tanh()).collect() } else { l }
+        })
+        .collect()
+}
+
+fn engine_logits(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    use engine::kv_cache::{KvCache, KvLayout};
+    use engine::model::{BatchInput, SeqInput};
+    let loaded = engine::loader::load(dir).expect("tiny folder loads");
+    let m = &loaded.model;
+    let c = &m.config;
+    let pool = engine::threadpool::ThreadPool::new(2);
+    let bs = 4;
+    let nb = tokens.len().div_ceil(bs);
+    let mut cache = KvCache::new(KvLayout { num_layers: c.num_layers, num_blocks: nb, block_size: bs, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim });
+    let table: Vec<u32> = (0..nb as u32).rev().collect();
+    let pos: Vec<usize> = (0..tokens.len()).collect();
+    let slots: Vec<usize> = pos.iter().map(|&p| table[p / bs] as usize * bs + p % bs).collect();
+    let batch = BatchInput {
+        token_ids: tokens,
+        positions: &pos,
+        seqs: vec![SeqInput { query_start: 0, query_len: tokens.len(), context_len: tokens.len(), block_table: &table }],
+        slot_mapping: &slots,
+        logits_rows: &pos,
+        lora: Vec::new(),
+    };
+    let flat = m.forward(&pool, &batch, &mut cache);
+    flat.chunks(c.vocab_size).map(|r| r.to_vec()).collect()
+}
+
+fn check(t: Tiny, tag: &str) {
+    let dir: PathBuf = std::env::temp_dir().join(format!("tessera-arch-{tag}-{}", std::process::id()));
+    let w = write_folder(&t, &dir, 17);
+    let tokens: Vec<u32> = (0..14u32).map(|i| (i * 7919 + 13) % t.vocab as u32).collect();
+    let want = reference(&t, &w, &tokens);
+    let got = engine_logits(&dir, &tokens);
+    let mut worst = 0f64;
+    for (g, r) in got.iter().zip(&want) {
+        for (a, b) in g.iter().zip(r) {
+            worst = worst.max((*a as f64 - b).abs() / (1.0 + b.abs()));
+        }
+    }
+    eprintln!("{tag}: worst relative logit difference {worst:e}");
+    assert!(worst < 1e-4, "{tag}: engine and reference differ by {worst}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn llama_gqa_folder_matches_the_reference() {
+    check(Tiny { arch: Arch::Llama, hidden: 32, inter: 48, layers: 2, heads: 4, kv_heads: 2, head_dim: 8, vocab: 49152, window: 0 }, "llama");
+}
+
+#[test]
+fn qwen2_mqa_folder_with_biases_matches_the_reference() {
+    check(Tiny { arch: Arch::Qwen2, hidden: 32, inter: 48, layers: 2, heads: 4, kv_heads: 1, head_dim: 8, vocab: 49152, window: 0 }, "qwen2");
+}
+
+/// Window 5 over 14 tokens and block size 4: blocks straddle the window's edge, and the
+/// global layer in the middle sees everything.
+#[test]
+fn gemma3_folder_with_sliding_window_and_softcaps_matches_the_reference() {
+    check(Tiny { arch: Arch::Gemma3, hidden: 32, inter: 48, layers: 3, heads: 4, kv_heads: 1, head_dim: 16, vocab: 49152, window: 5 }, "gemma3");
+}
