@@ -124,6 +124,12 @@ fn load_gguf(path: &Path) -> Result<Loaded> {
         Some(Value::String(s)) if s == "linear" => {
             RopeScaling::Linear { factor: g.f(&p("rope.scaling.factor")).unwrap_or(1.0) }
         }
+        Some(Value::String(s)) if s == "yarn" => RopeScaling::Yarn {
+            factor: g.f(&p("rope.scaling.factor")).unwrap_or(1.0),
+            original_max_position: g.u(&p("rope.scaling.original_context_length")).unwrap_or(4096),
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        },
         Some(v) => return Err(err(format!("GGUF rope scaling {v:?} is not supported yet"))),
     };
     let num_layers = g.u(&p("block_count"))?;
@@ -227,7 +233,12 @@ fn finish(config: ModelConfig, embed_tokens: Linear, layers: Vec<DecoderLayer>, 
     if !shape_ok(&embed_tokens, c.vocab_size, c.hidden_size) || !shape_ok(&lm_head, c.vocab_size, c.hidden_size) {
         return Err(err("embedding or output weights do not match the config"));
     }
-    let rope = Rope::new(&config.rope_inv_freq(config.rope_theta), config.max_position_embeddings, config.rope_interleaved, 1.0);
+    let rope = Rope::new(
+        &config.rope_inv_freq(config.rope_theta),
+        config.max_position_embeddings,
+        config.rope_interleaved,
+        config.rope_scaling.attention_factor(),
+    );
     let rope_local = config
         .variant
         .rope_local_theta
@@ -391,6 +402,16 @@ fn hf_rope_scaling(j: &serde_json::Value) -> Result<RopeScaling> {
             high_freq_factor: f("high_freq_factor", 4.0),
             original_max_position: s["original_max_position_embeddings"].as_u64().unwrap_or(8192) as usize,
         }),
-        other => Err(err(format!("rope_scaling type {other:?} is not supported yet (supported: linear, llama3)"))),
+        "dynamic" => Ok(RopeScaling::DynamicNtk {
+            factor: f("factor", 1.0),
+            original_max_position: j["max_position_embeddings"].as_u64().unwrap_or(2048) as usize,
+        }),
+        "yarn" => Ok(RopeScaling::Yarn {
+            factor: f("factor", 1.0),
+            original_max_position: s["original_max_position_embeddings"].as_u64().or(j["max_position_embeddings"].as_u64()).unwrap_or(2048) as usize,
+            beta_fast: f("beta_fast", 32.0),
+            beta_slow: f("beta_slow", 1.0),
+        }),
+        other => Err(err(format!("rope_scaling type {other:?} is not supported (supported: linear, dynamic, yarn, llama3)"))),
     }
 }

@@ -14,12 +14,29 @@ use crate::threadpool::ThreadPool;
 
 /// RoPE frequency scaling from the model config.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::enum_variant_names)]
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
     Linear { factor: f32 },
     /// Llama 3.x wavelength-dependent scaling.
     Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: usize },
+    /// NTK-aware base change for a context `factor` times the trained one. Computed once
+    /// for the scaled length (as vLLM does), not per request length.
+    DynamicNtk { factor: f32, original_max_position: usize },
+    /// YaRN: interpolate low frequencies, keep high ones, blend between; cos/sin scaled by
+    /// `0.1 ln(factor) + 1`.
+    Yarn { factor: f32, original_max_position: usize, beta_fast: f32, beta_slow: f32 },
+}
+
+impl RopeScaling {
+    /// Multiplier of cos and sin (YaRN's attention temperature); 1 otherwise.
+    pub fn attention_factor(&self) -> f32 {
+        match self {
+            RopeScaling::Yarn { factor, .. } if *factor > 1.0 => 0.1 * factor.ln() + 1.0,
+            _ => 1.0,
+        }
+    }
 }
 
 /// Resolved model configuration: no options left.
@@ -113,8 +130,33 @@ impl ModelConfig {
     /// `inv_freq[i]` for the rotary half-dimension, with the configured scaling applied.
     pub fn rope_inv_freq(&self, theta: f32) -> Vec<f32> {
         let d = self.head_dim;
-        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / d as f64)).collect();
+        let theta = match &self.rope_scaling {
+            RopeScaling::DynamicNtk { factor, .. } => {
+                let f = *factor as f64;
+                theta as f64 * f.powf(d as f64 / (d as f64 - 2.0))
+            }
+            _ => theta as f64,
+        };
+        let base: Vec<f64> = (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64)).collect();
         match &self.rope_scaling {
+            RopeScaling::DynamicNtk { .. } => base.iter().map(|&f| f as f32).collect(),
+            RopeScaling::Yarn { factor, original_max_position, beta_fast, beta_slow } => {
+                let dd = d as f64;
+                let corr = |rot: f64| dd * ((*original_max_position as f64) / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+                let low = corr(*beta_fast as f64).floor().max(0.0);
+                let mut high = corr(*beta_slow as f64).ceil().min(dd - 1.0);
+                if high == low {
+                    high += 0.001;
+                }
+                base.iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let keep = 1.0 - ramp; // 1: extrapolate (keep), 0: interpolate
+                        (f / *factor as f64 * (1.0 - keep) + f * keep) as f32
+                    })
+                    .collect()
+            }
             RopeScaling::None => base.iter().map(|&f| f as f32).collect(),
             RopeScaling::Linear { factor } => base.iter().map(|&f| (f / *factor as f64) as f32).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
@@ -344,5 +386,56 @@ impl LlamaModel {
             total += lin(&l.mlp.gate_proj) + lin(&l.mlp.up_proj) + lin(&l.mlp.down_proj);
         }
         total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(scaling: RopeScaling) -> ModelConfig {
+        ModelConfig {
+            name: "t".into(),
+            hidden_size: 64,
+            intermediate_size: 64,
+            num_layers: 1,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim: 64,
+            vocab_size: 8,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: scaling,
+            rope_interleaved: false,
+            max_position_embeddings: 4096,
+            variant: Variant::llama(1, 64),
+        }
+    }
+
+    #[test]
+    fn rope_scalings_follow_their_definitions() {
+        let plain = cfg(RopeScaling::None).rope_inv_freq(10_000.0);
+        let lin = cfg(RopeScaling::Linear { factor: 4.0 }).rope_inv_freq(10_000.0);
+        for (a, b) in plain.iter().zip(&lin) {
+            assert!((a / 4.0 - b).abs() < 1e-9);
+        }
+        // Dynamic NTK: base * factor^(d/(d-2)); the first frequency stays 1, the rest shrink.
+        let ntk = cfg(RopeScaling::DynamicNtk { factor: 4.0, original_max_position: 4096 }).rope_inv_freq(10_000.0);
+        assert_eq!(ntk[0], 1.0);
+        let want_last = 1.0 / (10_000f64 * 4f64.powf(64.0 / 62.0)).powf(62.0 / 64.0);
+        assert!((ntk[31] as f64 - want_last).abs() < 1e-9);
+        // YaRN: high frequencies kept, low frequencies interpolated by the factor.
+        let y = RopeScaling::Yarn { factor: 8.0, original_max_position: 4096, beta_fast: 32.0, beta_slow: 1.0 };
+        let yarn = cfg(y.clone()).rope_inv_freq(10_000.0);
+        assert_eq!(yarn[0], plain[0]);
+        assert!((yarn[31] - plain[31] / 8.0).abs() < 1e-9);
+        assert!(yarn[15] < plain[15] && yarn[15] > plain[15] / 8.0, "blended in the middle");
+        assert!((y.attention_factor() - (0.1 * 8f32.ln() + 1.0)).abs() < 1e-6);
+        // Llama 3: wavelengths above the low-frequency bound are divided by the factor.
+        let l3 = cfg(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192 })
+            .rope_inv_freq(500_000.0);
+        let p3 = cfg(RopeScaling::None).rope_inv_freq(500_000.0);
+        assert_eq!(l3[0], p3[0]);
+        assert!((l3[31] - p3[31] / 8.0).abs() < 1e-12);
     }
 }
