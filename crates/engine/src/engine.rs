@@ -56,14 +56,8 @@ impl Engine {
             Some(n) => n,
             None => mc.max_position_embeddings,
         };
-        let per_token = KvLayout::bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim);
-        let num_blocks = cfg.kv_cache_bytes / (per_token * cfg.block_size);
-        if num_blocks == 0 {
-            return Err(EngineError::Load(format!(
-                "kv_cache_bytes {} holds no block of {} tokens ({} bytes per token)",
-                cfg.kv_cache_bytes, cfg.block_size, per_token
-            )));
-        }
+        let plan = plan_kv(&cfg, &model.config)?;
+        let (per_token, num_blocks) = (plan.full_bytes_per_token, plan.full_blocks);
         let layout = KvLayout { num_layers: mc.num_layers, num_blocks, block_size: cfg.block_size, num_kv_heads: mc.num_kv_heads, head_dim: mc.head_dim };
         let chat_template = match tokenizer.chat_template() {
             Some(src) => {
@@ -79,8 +73,10 @@ impl Engine {
             vocab_size: mc.vocab_size,
             kv_cache_tokens: num_blocks * cfg.block_size,
             kv_bytes_per_token: per_token,
+            window_kv_bytes_per_token: plan.window_bytes_per_token,
+            window_tokens: plan.window.unwrap_or(0),
             block_size: cfg.block_size,
-            num_blocks,
+            num_blocks: num_blocks + plan.window_blocks,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
@@ -106,9 +102,13 @@ impl Engine {
             },
             num_blocks,
         );
+        let sched = match plan.window {
+            Some(w) => sched.with_window_pool(plan.window_blocks, w),
+            None => sched,
+        };
         let mut lp = EngineLoop {
             pool: ThreadPool::new(cfg.threads.max(1)),
-            cache: KvCache::new(layout),
+            cache: KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers),
             model,
             tokenizer,
             sched,
@@ -134,6 +134,55 @@ impl Engine {
         );
         Ok(EngineHandle { shared })
     }
+}
+
+/// How the KV budget is split between the main pool and the sliding-window pool.
+struct KvPlan {
+    full_blocks: usize,
+    full_bytes_per_token: usize,
+    window: Option<usize>,
+    window_blocks: usize,
+    window_bytes_per_token: usize,
+    windowed_layers: Vec<bool>,
+}
+
+/// Models with sliding-window layers get a second pool for them, sized for every running
+/// request's window plus one step's chunk (at most half the budget); the rest of the
+/// budget holds the other layers' K/V for the whole context.
+fn plan_kv(cfg: &EngineConfig, mc: &crate::model::ModelConfig) -> Result<KvPlan> {
+    let bs = cfg.block_size;
+    let per_layer_token = KvLayout::bytes_per_token(1, mc.num_kv_heads, mc.head_dim);
+    let v = &mc.variant;
+    let n_local = v.local_layers.iter().filter(|&&l| l).count();
+    let window = v.sliding_window.filter(|_| n_local > 0 && n_local < mc.num_layers);
+    let (window_blocks, window_bytes_per_token, windowed_layers) = match window {
+        Some(w) => {
+            let per_token = per_layer_token * n_local;
+            let one_request = (w + cfg.max_num_batched_tokens).div_ceil(bs) + 1;
+            let wanted = cfg.max_num_seqs * (w.div_ceil(bs) + 1) + one_request;
+            let cap = cfg.kv_cache_bytes / 2 / (per_token * bs);
+            if cap < one_request {
+                return Err(EngineError::Load(format!(
+                    "kv_cache_bytes {} is too small for one request's sliding window ({} tokens of window and chunk need {} bytes)",
+                    cfg.kv_cache_bytes,
+                    one_request * bs,
+                    2 * one_request * bs * per_token
+                )));
+            }
+            (wanted.min(cap), per_token, v.local_layers.clone())
+        }
+        None => (0, 0, Vec::new()),
+    };
+    let full_bytes_per_token = per_layer_token * (mc.num_layers - if window.is_some() { n_local } else { 0 });
+    let full_budget = cfg.kv_cache_bytes - window_blocks * bs * window_bytes_per_token;
+    let full_blocks = full_budget / (full_bytes_per_token * bs);
+    if full_blocks == 0 {
+        return Err(EngineError::Load(format!(
+            "kv_cache_bytes {} holds no block of {bs} tokens ({full_bytes_per_token} bytes per token)",
+            cfg.kv_cache_bytes
+        )));
+    }
+    Ok(KvPlan { full_blocks, full_bytes_per_token, window, window_blocks, window_bytes_per_token, windowed_layers })
 }
 
 /// Output-side state of one request.
@@ -277,7 +326,7 @@ impl EngineLoop {
                 num_decode_rows: decode_rows,
                 num_running: self.sched.num_running(),
                 num_waiting: self.sched.num_waiting(),
-                kv_cache_usage: self.sched.pool.num_used() as f64 / self.sched.pool.num_blocks() as f64,
+                kv_cache_usage: self.sched.used_blocks() as f64 / self.sched.total_blocks().max(1) as f64,
                 num_preempted: out.preempted.len(),
                 duration: t0.elapsed(),
             });
@@ -296,18 +345,26 @@ impl EngineLoop {
         let mut slots = Vec::with_capacity(out.num_tokens);
         let mut logits_rows = Vec::new();
         let mut tables: Vec<Vec<u32>> = Vec::with_capacity(out.seqs.len());
+        let windowed = self.sched.window.is_some();
+        let mut window_tables: Vec<Vec<u32>> = Vec::new();
+        let mut window_slots = Vec::new();
         for s in &out.seqs {
             let st = self.sched.get(s.id).expect("scheduled request exists");
             let table: Vec<u32> = st.blocks.iter().map(|b| b.0).collect();
+            let wtable: Vec<u32> = st.window_blocks.iter().map(|b| b.map_or(u32::MAX, |b| b.0)).collect();
             for p in s.start..s.start + s.len {
                 token_ids.push(st.tokens[p]);
                 positions.push(p);
                 slots.push(table[p / bs] as usize * bs + p % bs);
+                if windowed {
+                    window_slots.push(wtable[p / bs] as usize * bs + p % bs);
+                }
             }
             if s.sample {
                 logits_rows.push(token_ids.len() - 1);
             }
             tables.push(table);
+            window_tables.push(wtable);
         }
         let mut groups: Vec<AdapterRows<'_>> = Vec::new();
         let mut row = 0;
@@ -324,14 +381,28 @@ impl EngineLoop {
         let seqs = out
             .seqs
             .iter()
-            .zip(&tables)
-            .map(|(s, t)| {
-                let si = SeqInput { query_start: q0, query_len: s.len, context_len: s.start + s.len, block_table: t };
+            .zip(tables.iter().zip(&window_tables))
+            .map(|(s, (t, wt))| {
+                let si = SeqInput {
+                    query_start: q0,
+                    query_len: s.len,
+                    context_len: s.start + s.len,
+                    block_table: t,
+                    window_block_table: windowed.then_some(wt.as_slice()),
+                };
                 q0 += s.len;
                 si
             })
             .collect();
-        let batch = BatchInput { token_ids: &token_ids, positions: &positions, seqs, slot_mapping: &slots, logits_rows: &logits_rows, lora: groups };
+        let batch = BatchInput {
+            token_ids: &token_ids,
+            positions: &positions,
+            seqs,
+            slot_mapping: &slots,
+            window_slot_mapping: windowed.then_some(window_slots.as_slice()),
+            logits_rows: &logits_rows,
+            lora: groups,
+        };
         self.model.forward(&self.pool, &batch, &mut self.cache)
     }
 
@@ -423,6 +494,6 @@ impl EngineLoop {
         }
         self.stats.num_running.store(self.sched.num_running(), Ordering::Relaxed);
         self.stats.num_waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
-        self.stats.used_blocks.store(self.sched.pool.num_used(), Ordering::Relaxed);
+        self.stats.used_blocks.store(self.sched.used_blocks(), Ordering::Relaxed);
     }
 }

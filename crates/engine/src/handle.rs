@@ -32,10 +32,14 @@ pub struct ModelInfo {
     /// Longest prompt + completion, in tokens.
     pub max_model_len: usize,
     pub vocab_size: usize,
-    /// Tokens the whole KV cache can hold.
+    /// Tokens of context the whole KV cache can hold.
     pub kv_cache_tokens: usize,
-    /// KV cache bytes per token (all layers, K and V).
+    /// KV cache bytes per token of context (all full-attention layers, K and V).
     pub kv_bytes_per_token: usize,
+    /// Bytes per token of the sliding-window layers, which keep only `window_tokens`
+    /// tokens per request (0 when the model has none).
+    pub window_kv_bytes_per_token: usize,
+    pub window_tokens: usize,
     pub block_size: usize,
     pub num_blocks: usize,
 }

@@ -90,20 +90,30 @@ impl KvLayout {
     }
 }
 
-/// Per-layer K and V storage.
+/// Per-layer K and V storage. Layers marked `windowed` live in the sliding-window pool
+/// (`window_blocks` blocks, their own block ids); the others in the main pool.
 pub struct KvCache {
     pub layout: KvLayout,
     pub k: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
+    pub windowed: Vec<bool>,
 }
 
 impl KvCache {
     pub fn new(layout: KvLayout) -> Self {
-        let n = layout.num_blocks * layout.block_size * layout.slot_floats();
+        Self::with_window_pool(layout, 0, &[])
+    }
+
+    /// `windowed[l]`: layer l stores its K/V in the window pool of `window_blocks` blocks.
+    pub fn with_window_pool(layout: KvLayout, window_blocks: usize, windowed: &[bool]) -> Self {
+        let per_block = layout.block_size * layout.slot_floats();
+        let windowed: Vec<bool> = (0..layout.num_layers).map(|l| windowed.get(l).copied().unwrap_or(false)).collect();
+        let size = |l: usize| if windowed[l] { window_blocks } else { layout.num_blocks } * per_block;
         KvCache {
             layout,
-            k: (0..layout.num_layers).map(|_| vec![0f32; n]).collect(),
-            v: (0..layout.num_layers).map(|_| vec![0f32; n]).collect(),
+            k: (0..layout.num_layers).map(|l| vec![0f32; size(l)]).collect(),
+            v: (0..layout.num_layers).map(|l| vec![0f32; size(l)]).collect(),
+            windowed,
         }
     }
 

@@ -3,6 +3,7 @@
 //! The public surface is [`EngineHandle`] (an actor handle around the engine thread),
 //! [`GenerateRequest`] / [`SamplingParams`] going in and [`TokenEvent`] coming out.
 
+pub mod adapters;
 pub mod bench;
 pub mod chat;
 pub mod config;

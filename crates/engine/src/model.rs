@@ -237,6 +237,9 @@ pub struct SeqInput<'a> {
     /// Tokens in the cache after this step (computed before + query_len).
     pub context_len: usize,
     pub block_table: &'a [u32],
+    /// Block table in the sliding-window pool (released blocks hold `u32::MAX`), for the
+    /// layers the cache keeps there.
+    pub window_block_table: Option<&'a [u32]>,
 }
 
 /// Everything one forward needs. See the layout note in `kv_cache`.
@@ -247,6 +250,8 @@ pub struct BatchInput<'a> {
     pub seqs: Vec<SeqInput<'a>>,
     /// Cache slot of every token.
     pub slot_mapping: &'a [usize],
+    /// Slots in the sliding-window pool, when the cache has one.
+    pub window_slot_mapping: Option<&'a [usize]>,
     /// Rows of the packed matrix whose logits are wanted, in output order.
     pub logits_rows: &'a [usize],
     /// LoRA adapters of this step and the rows each applies to.
@@ -295,6 +300,16 @@ impl LlamaModel {
             .iter()
             .map(|s| SeqAttn { query_start: s.query_start, query_len: s.query_len, context_len: s.context_len, block_table: s.block_table })
             .collect();
+        let window_seqs: Vec<SeqAttn<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| SeqAttn {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: s.window_block_table.unwrap_or(s.block_table),
+            })
+            .collect();
         let eps = c.rms_norm_eps;
         for (li, layer) in self.layers.iter().enumerate() {
             let local = v.local_layers.get(li).copied().unwrap_or(false);
@@ -333,8 +348,13 @@ impl LlamaModel {
                 rope.apply(&mut q[i * qd..(i + 1) * qd], c.head_dim, pos);
                 rope.apply(&mut k[i * kvd..(i + 1) * kvd], c.head_dim, pos);
             }
-            cache.write(li, batch.slot_mapping, &k, &vv);
-            paged_attention(pool, &q, &cache.k[li], &cache.v[li], &seqs, &params, &mut attn);
+            let in_window_pool = cache.windowed[li];
+            let (slots, layer_seqs) = match (in_window_pool, batch.window_slot_mapping) {
+                (true, Some(ws)) => (ws, &window_seqs),
+                _ => (batch.slot_mapping, &seqs),
+            };
+            cache.write(li, slots, &k, &vv);
+            paged_attention(pool, &q, &cache.k[li], &cache.v[li], layer_seqs, &params, &mut attn);
             a.o_proj.forward(pool, &attn, t, &mut h);
             ad(Module::O, &attn, &mut h);
             if let Some(w) = &layer.attn_output_norm {

@@ -9,6 +9,10 @@
 //! blocks held:     ceil((num_computed + scheduled) / block_size)
 //! ```
 //!
+//! Models with sliding-window layers keep those layers' K/V in a second pool whose
+//! blocks are released as soon as they fall wholly outside the window of the request's
+//! next query, so their memory stays bounded by the window however long the request.
+//!
 //! Out of blocks: preempt the newest running request (its blocks go back to the pool and
 //! it is recomputed later from its tokens). Waiting requests are admitted FCFS, and none
 //! is admitted in a step that had to preempt.
@@ -40,6 +44,8 @@ pub struct SeqState {
     pub prompt_len: usize,
     pub num_computed: usize,
     pub blocks: Vec<BlockId>,
+    /// Blocks of the sliding-window pool, by block index; `None` once released.
+    pub window_blocks: Vec<Option<BlockId>>,
     pub preemptions: usize,
     /// Whether the request has been scheduled at least once.
     pub started: bool,
@@ -77,9 +83,16 @@ pub struct SchedulerOutput {
     pub first_scheduled: Vec<RequestId>,
 }
 
+/// The second pool, for the layers that only look back `window` tokens.
+pub struct WindowPool {
+    pub pool: BlockPool,
+    pub window: usize,
+}
+
 pub struct Scheduler {
     pub config: SchedulerConfig,
     pub pool: BlockPool,
+    pub window: Option<WindowPool>,
     seqs: HashMap<RequestId, SeqState>,
     /// FCFS order of arrival (preempted requests go back to the front).
     waiting: VecDeque<RequestId>,
@@ -94,6 +107,7 @@ impl Scheduler {
         Scheduler {
             config,
             pool: BlockPool::new(num_blocks),
+            window: None,
             seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -101,9 +115,36 @@ impl Scheduler {
         }
     }
 
+    /// Adds the sliding-window pool of `num_blocks` blocks.
+    pub fn with_window_pool(mut self, num_blocks: usize, window: usize) -> Self {
+        self.window = Some(WindowPool { pool: BlockPool::new(num_blocks), window: window.max(1) });
+        self
+    }
+
+    /// Blocks in use over both pools.
+    pub fn used_blocks(&self) -> usize {
+        self.pool.num_used() + self.window.as_ref().map_or(0, |w| w.pool.num_used())
+    }
+
+    /// Blocks over both pools.
+    pub fn total_blocks(&self) -> usize {
+        self.pool.num_blocks() + self.window.as_ref().map_or(0, |w| w.pool.num_blocks())
+    }
+
     pub fn add(&mut self, id: RequestId, prompt: Vec<u32>, adapter: Option<AdapterId>) {
         let prompt_len = prompt.len();
-        self.seqs.insert(id, SeqState { id, tokens: prompt, prompt_len, num_computed: 0, blocks: Vec::new(), preemptions: 0, started: false, adapter });
+        let s = SeqState {
+            id,
+            tokens: prompt,
+            prompt_len,
+            num_computed: 0,
+            blocks: Vec::new(),
+            window_blocks: Vec::new(),
+            preemptions: 0,
+            started: false,
+            adapter,
+        };
+        self.seqs.insert(id, s);
         self.waiting.push_back(id);
     }
 
@@ -139,19 +180,35 @@ impl Scheduler {
         tokens.div_ceil(self.config.block_size)
     }
 
-    /// Grows `id`'s block table to hold `tokens` tokens; false if the pool is short.
+    /// Grows `id`'s block tables to hold `tokens` tokens; false if a pool is short (then
+    /// nothing is allocated).
     fn ensure_blocks(&mut self, id: RequestId, tokens: usize) -> bool {
+        let bs = self.config.block_size;
         let need = self.blocks_needed(tokens);
-        let have = self.seqs[&id].blocks.len();
-        if need <= have {
-            return true;
-        }
-        if self.pool.num_free() < need - have {
+        let s = &self.seqs[&id];
+        let full_short = need.saturating_sub(s.blocks.len());
+        // The window pool needs the blocks from the first key the step's first query sees.
+        let window_missing: Vec<usize> = match &self.window {
+            Some(w) => {
+                let first = (s.num_computed + 1).saturating_sub(w.window) / bs;
+                (first..need).filter(|&i| s.window_blocks.get(i).is_none_or(|b| b.is_none())).collect()
+            }
+            None => Vec::new(),
+        };
+        if self.pool.num_free() < full_short || self.window.as_ref().is_some_and(|w| w.pool.num_free() < window_missing.len()) {
             return false;
         }
         let s = self.seqs.get_mut(&id).expect("scheduled request exists");
-        for _ in have..need {
+        for _ in 0..full_short {
             s.blocks.push(self.pool.allocate().expect("checked free count"));
+        }
+        if let Some(w) = &mut self.window {
+            if s.window_blocks.len() < need {
+                s.window_blocks.resize(need, None);
+            }
+            for i in window_missing {
+                s.window_blocks[i] = Some(w.pool.allocate().expect("checked free count"));
+            }
         }
         true
     }
@@ -160,6 +217,25 @@ impl Scheduler {
         if let Some(s) = self.seqs.get_mut(&id) {
             for b in s.blocks.drain(..) {
                 self.pool.free(b);
+            }
+            for b in s.window_blocks.drain(..).flatten() {
+                self.window.as_mut().expect("window blocks come from the window pool").pool.free(b);
+            }
+        }
+    }
+
+    /// Frees the window blocks that no future query of `id` can see: every position of
+    /// block b is before `num_computed + 1 - window`, the first key of the next query.
+    fn release_out_of_window(&mut self, id: RequestId) {
+        let (Some(w), Some(s)) = (self.window.as_mut(), self.seqs.get_mut(&id)) else { return };
+        let bound = (s.num_computed + 1).saturating_sub(w.window);
+        let bs = self.config.block_size;
+        for (i, slot) in s.window_blocks.iter_mut().enumerate() {
+            if (i + 1) * bs > bound {
+                break;
+            }
+            if let Some(b) = slot.take() {
+                w.pool.free(b);
             }
         }
     }
@@ -270,6 +346,7 @@ impl Scheduler {
                     st.tokens.push(t);
                 }
             }
+            self.release_out_of_window(s.id);
         }
     }
 
@@ -294,6 +371,19 @@ mod tests {
     fn check_invariants(s: &Scheduler) {
         let held: usize = s.seqs.values().map(|x| x.blocks.len()).sum();
         assert_eq!(held, s.pool.num_used(), "blocks held by requests == blocks used in the pool");
+        if let Some(w) = &s.window {
+            let held: usize = s.seqs.values().map(|x| x.window_blocks.iter().flatten().count()).sum();
+            assert_eq!(held, w.pool.num_used(), "window blocks held == window blocks used");
+            for x in s.seqs.values() {
+                let live = x.window_blocks.iter().flatten().count();
+                // Bounded by the window plus the chunk being computed.
+                assert!(live <= (w.window + s.config.max_num_batched_tokens).div_ceil(s.config.block_size) + 1, "{live} window blocks live");
+                // Every block a future query can see is still there.
+                let first = (x.num_computed + 1).saturating_sub(w.window) / s.config.block_size;
+                let upto = x.num_computed.div_ceil(s.config.block_size);
+                assert!((first..upto).all(|i| x.window_blocks.get(i).is_some_and(|b| b.is_some())), "a visible window block was released");
+            }
+        }
         let mut all: Vec<_> = s.seqs.values().flat_map(|x| x.blocks.iter().copied()).collect();
         let n = all.len();
         all.sort();
@@ -347,6 +437,12 @@ mod tests {
             let bs = [1usize, 4, 16][seed as usize % 3];
             let blocks = 256 / bs;
             let mut s = sched(blocks, bs, rng.random_range(8..64), rng.random_range(1..10));
+            if seed % 2 == 1 {
+                // A sliding-window pool big enough for one request's window and chunk.
+                let window = [5usize, 16, 40][seed as usize % 3];
+                let need = (window + s.config.max_num_batched_tokens).div_ceil(bs) + 1;
+                s = s.with_window_pool(need + rng.random_range(0..need), window);
+            }
             let mut target: HashMap<RequestId, usize> = HashMap::new();
             let mut next = 0u64;
             let mut done = 0;
@@ -393,6 +489,9 @@ mod tests {
             }
             assert_eq!(done, 60, "seed {seed}: every request finished");
             assert_eq!(s.pool.num_free(), blocks, "seed {seed}: every block returned");
+            if let Some(w) = &s.window {
+                assert_eq!(w.pool.num_used(), 0, "seed {seed}: every window block returned");
+            }
         }
     }
 }

@@ -72,8 +72,9 @@ fn forward_last(model: &engine::model::LlamaModel, pool: &engine::threadpool::Th
     let batch = BatchInput {
         token_ids: prompt,
         positions: &positions,
-        seqs: vec![SeqInput { query_start: 0, query_len: prompt.len(), context_len: prompt.len(), block_table: &table }],
+        seqs: vec![SeqInput { query_start: 0, query_len: prompt.len(), context_len: prompt.len(), block_table: &table, window_block_table: None }],
         slot_mapping: &positions,
+        window_slot_mapping: None,
         logits_rows: &[prompt.len() - 1],
         lora: Vec::new(),
     };

@@ -112,8 +112,9 @@ fn unmerged_equals_merged() {
             let batch = BatchInput {
                 token_ids: &prompt,
                 positions: &pos,
-                seqs: vec![SeqInput { query_start: 0, query_len: prompt.len(), context_len: prompt.len(), block_table: &table }],
+                seqs: vec![SeqInput { query_start: 0, query_len: prompt.len(), context_len: prompt.len(), block_table: &table, window_block_table: None }],
                 slot_mapping: &pos,
+                window_slot_mapping: None,
                 logits_rows: &[prompt.len() - 1],
                 lora,
             };

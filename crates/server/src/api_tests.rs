@@ -16,22 +16,27 @@ use crate::openai::ErrorBody;
 use crate::router;
 use crate::state::{AppState, ServerOptions};
 
-const KEY: &str = "sekret";
+pub(crate) const KEY: &str = "sekret";
 
-fn setup(opts: ServerOptions) -> (Router, AppState, Arc<FakeBackend>) {
+pub(crate) fn setup(opts: ServerOptions) -> (Router, AppState, Arc<FakeBackend>) {
     let fake = FakeBackend::new();
     let state = AppState::with_backend(opts, Metrics::new().unwrap(), fake.clone());
     (router(state.clone()), state, fake)
 }
 
-fn keyed() -> ServerOptions {
+pub(crate) fn keyed() -> ServerOptions {
     ServerOptions {
         api_key: Some(KEY.into()),
         ..Default::default()
     }
 }
 
-fn request(method: Method, path: &str, body: impl Into<Body>, key: Option<&str>) -> Request<Body> {
+pub(crate) fn request(
+    method: Method,
+    path: &str,
+    body: impl Into<Body>,
+    key: Option<&str>,
+) -> Request<Body> {
     let mut b = Request::builder()
         .method(method)
         .uri(path)
@@ -42,7 +47,7 @@ fn request(method: Method, path: &str, body: impl Into<Body>, key: Option<&str>)
     b.body(body.into()).unwrap()
 }
 
-async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Bytes) {
+pub(crate) async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Bytes) {
     let res = app.clone().oneshot(req).await.unwrap();
     let status = res.status();
     (
@@ -53,7 +58,7 @@ async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Bytes) {
     )
 }
 
-async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+pub(crate) async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
     let (s, b) = call(
         app,
         request(Method::POST, path, body.to_string(), Some(KEY)),
@@ -67,7 +72,7 @@ async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
 }
 
 /// Strict SSE: every event is exactly one `data: ` line followed by a blank line.
-fn sse_data(body: &[u8]) -> Vec<String> {
+pub(crate) fn sse_data(body: &[u8]) -> Vec<String> {
     let text = std::str::from_utf8(body).unwrap();
     assert!(text.ends_with("\n\n"), "unterminated stream: {text:?}");
     text.split("\n\n")
@@ -83,7 +88,7 @@ fn sse_data(body: &[u8]) -> Vec<String> {
 }
 
 /// The JSON chunks before `[DONE]`, asserting `[DONE]` is last and only once.
-fn chunks(body: &[u8]) -> Vec<Value> {
+pub(crate) fn chunks(body: &[u8]) -> Vec<Value> {
     let data = sse_data(body);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
     assert_eq!(data.iter().filter(|d| *d == "[DONE]").count(), 1);
@@ -621,7 +626,7 @@ async fn chat_without_a_template_is_a_clear_400() {
 }
 
 /// Checks the text exposition line by line: comments, then `name{labels} value`.
-fn parse_exposition(text: &str) -> Vec<(String, f64)> {
+pub(crate) fn parse_exposition(text: &str) -> Vec<(String, f64)> {
     let mut samples = Vec::new();
     for line in text.lines().filter(|l| !l.is_empty()) {
         if let Some(rest) = line.strip_prefix("# ") {

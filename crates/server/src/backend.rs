@@ -5,21 +5,27 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use engine::chat::{ChatMessage, ChatTemplate};
+use engine::handle::LoraActivity;
+use engine::model::ModelConfig;
 use engine::tokenizer::Tokenizer;
 use engine::{EngineError, EngineHandle, GenerateRequest, ModelInfo, RequestStream};
 
 /// Gauges read at scrape time.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineLoad {
     pub running: usize,
     pub waiting: usize,
     /// Fraction of KV blocks in use, 0..1.
     pub kv_cache_usage: f64,
+    /// Adapter names of the running and of the waiting requests (sorted, distinct).
+    pub lora: LoraActivity,
 }
 
 /// The generation engine behind the API.
 pub trait Backend: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
+    /// The base model's shapes (LoRA adapters are validated against them).
+    fn model_config(&self) -> &ModelConfig;
     /// Queues a request; refuses with the numbers what can never fit.
     fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError>;
     fn load(&self) -> EngineLoad;
@@ -98,6 +104,10 @@ impl Backend for EngineBackend {
         self.handle.info()
     }
 
+    fn model_config(&self) -> &ModelConfig {
+        self.handle.model_config()
+    }
+
     fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
         self.handle.submit(req)
     }
@@ -108,6 +118,7 @@ impl Backend for EngineBackend {
             running: stats.num_running.load(Ordering::Relaxed),
             waiting: stats.num_waiting.load(Ordering::Relaxed),
             kv_cache_usage: self.handle.kv_cache_usage(),
+            lora: stats.lora.lock().map(|l| l.clone()).unwrap_or_default(),
         }
     }
 

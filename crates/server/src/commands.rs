@@ -86,10 +86,32 @@ pub fn generate(args: GenerateArgs) -> Result<(), ConfigError> {
     let ids = tok.encode(&text, !args.chat && tok.add_bos_default()).map_err(|e| ConfigError(e.to_string()))?;
     if args.verbose {
         let info = h.info();
+        let mc = h.model_config();
         eprintln!(
-            "model {}: vocab {}, context {}, KV cache {} bytes/token ({} blocks of {} tokens, {} tokens in all)",
-            info.name, info.vocab_size, info.max_model_len, info.kv_bytes_per_token, info.num_blocks, info.block_size, info.kv_cache_tokens
+            "model {}: vocab {}, context {}, {} layers, {} query heads / {} KV heads of {} ({})",
+            info.name,
+            info.vocab_size,
+            info.max_model_len,
+            mc.num_layers,
+            mc.num_heads,
+            mc.num_kv_heads,
+            mc.head_dim,
+            match mc.num_kv_heads {
+                1 => "MQA".to_string(),
+                n if n == mc.num_heads => "MHA".to_string(),
+                n => format!("GQA, {} query heads per KV head", mc.num_heads / n),
+            }
         );
+        eprintln!(
+            "KV cache: {} bytes per token of context; {} blocks of {} tokens, {} tokens of context in all",
+            info.kv_bytes_per_token, info.num_blocks, info.block_size, info.kv_cache_tokens
+        );
+        if info.window_tokens > 0 {
+            eprintln!(
+                "  + sliding-window layers: {} bytes per token, only the last {} tokens of each request kept",
+                info.window_kv_bytes_per_token, info.window_tokens
+            );
+        }
     }
     let params = SamplingParams { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
     let t0 = Instant::now();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use engine::EngineConfig;
 
-use crate::state::ServerOptions;
+use crate::state::{LoraOptions, ServerOptions};
 
 /// The default model file, as `scripts/fetch-model` names it.
 pub const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -88,9 +88,46 @@ pub struct ServeArgs {
     /// Most distinct LoRA adapters in one engine step.
     #[arg(long, env = "TESSERA_MAX_LORAS", default_value_t = 8)]
     pub max_loras: usize,
+    /// A LoRA adapter (PEFT folder) to load at start-up, as NAME=PATH; repeatable (the
+    /// environment variable takes a comma-separated list). Any path; a bad adapter stops start-up.
+    #[arg(long = "lora", env = "TESSERA_LORA", value_name = "NAME=PATH", value_parser = parse_lora, value_delimiter = ',')]
+    pub lora: Vec<StartupAdapter>,
+    /// Adapters of a larger rank are refused.
+    #[arg(long, env = "TESSERA_MAX_LORA_RANK", default_value_t = 64)]
+    pub max_lora_rank: usize,
+    /// LoRA adapters held in memory; beyond this, idle ones are evicted (least recently
+    /// used first) and read back from disk when next requested.
+    #[arg(long, env = "TESSERA_MAX_CPU_LORAS", default_value_t = 32)]
+    pub max_cpu_loras: usize,
+    /// Folder under which every adapter loaded at run time (POST /v1/load_lora_adapter) must
+    /// resolve; relative lora_path values are relative to it. Without it, run-time loading is off.
+    #[arg(long, env = "TESSERA_LORA_ROOT", value_name = "DIR")]
+    pub lora_root: Option<PathBuf>,
     /// Log line format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "TESSERA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// One `--lora NAME=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupAdapter {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// `NAME=PATH` -> [`StartupAdapter`].
+pub fn parse_lora(s: &str) -> Result<StartupAdapter, String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.trim().is_empty() && !path.trim().is_empty() => {
+            Ok(StartupAdapter {
+                name: name.trim().to_string(),
+                path: PathBuf::from(path.trim()),
+            })
+        }
+        _ => Err(format!(
+            "`{s}` is not NAME=PATH (for example pirate=/adapters/pirate)"
+        )),
+    }
 }
 
 /// Everything `serve` needs, resolved and checked.
@@ -100,6 +137,8 @@ pub struct ServeConfig {
     pub listen: String,
     pub server: ServerOptions,
     pub engine: EngineConfig,
+    /// `--lora`: loaded after the engine starts, before the server is ready.
+    pub adapters: Vec<StartupAdapter>,
     pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
 }
@@ -131,15 +170,27 @@ impl ServeArgs {
             max_loras: self.max_loras,
             observer: None,
         };
+        let lora_root = self
+            .lora_root
+            .as_deref()
+            .map(canonical_lora_root)
+            .transpose()?;
         let server = ServerOptions {
             api_key: self.api_key,
             served_model_name: self.served_model_name,
             max_body_bytes: self.max_body_bytes,
+            lora: LoraOptions {
+                max_loras: self.max_loras,
+                max_lora_rank: self.max_lora_rank,
+                max_cpu_loras: self.max_cpu_loras,
+                root: lora_root,
+            },
         };
         Ok(ServeConfig {
             listen: listen_addr(&self.host, self.port),
             server,
             engine,
+            adapters: self.lora,
             shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout),
             log_format: self.log_format,
         })
@@ -176,6 +227,7 @@ impl ServeArgs {
         if self.max_loras == 0 {
             return err("--max-loras must be at least 1");
         }
+        self.check_lora()?;
         if self.max_queued_requests == 0 {
             return err("--max-queued-requests must be at least 1");
         }
@@ -209,6 +261,50 @@ impl ServeArgs {
         }
         Ok(())
     }
+}
+
+impl ServeArgs {
+    fn check_lora(&self) -> Result<(), ConfigError> {
+        if self.max_lora_rank == 0 {
+            return err("--max-lora-rank must be at least 1");
+        }
+        if self.max_cpu_loras < self.max_loras {
+            return err(format!(
+                "--max-cpu-loras ({}) must be at least --max-loras ({}): every adapter of a step is held in memory",
+                self.max_cpu_loras, self.max_loras
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for a in &self.lora {
+            if !seen.insert(a.name.as_str()) {
+                return err(format!("--lora: the name `{}` is given twice", a.name));
+            }
+            if a.name.chars().any(|c| c == ',' || c.is_control()) {
+                return err(format!(
+                    "--lora {}: adapter names must not contain commas or control characters",
+                    a.name
+                ));
+            }
+            if self.served_model_name.as_deref() == Some(a.name.as_str()) {
+                return err(format!(
+                    "--lora {}: the name is the --served-model-name; choose another",
+                    a.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `--lora-root`: an existing folder, canonical (so symlinks in it are judged by their targets).
+fn canonical_lora_root(p: &Path) -> Result<PathBuf, ConfigError> {
+    let c = p
+        .canonicalize()
+        .map_err(|e| ConfigError(format!("--lora-root {}: {e}", p.display())))?;
+    if !c.is_dir() {
+        return err(format!("--lora-root {} is not a folder", p.display()));
+    }
+    Ok(c)
 }
 
 fn listen_addr(host: &str, port: u16) -> String {
@@ -375,6 +471,58 @@ mod tests {
         assert!(e.0.contains("--api-key"), "{e}");
         assert!(args(&["--kv-cache-bytes", "lots"]).is_err());
         assert!(args(&["--log-format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn lora_flags_parse_and_check() {
+        let a = args(&["--lora", "pirate=/a/p", "--lora", "shout=rel/s"]).unwrap();
+        assert_eq!(
+            a.lora,
+            [
+                StartupAdapter {
+                    name: "pirate".into(),
+                    path: "/a/p".into()
+                },
+                StartupAdapter {
+                    name: "shout".into(),
+                    path: "rel/s".into()
+                }
+            ]
+        );
+        assert_eq!((a.max_lora_rank, a.max_cpu_loras), (64, 32));
+        assert!(args(&["--lora", "nameonly"]).is_err());
+        let e = args(&["--max-loras", "8", "--max-cpu-loras", "4"])
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(
+            e.0.contains("--max-cpu-loras") && e.0.contains("--max-loras"),
+            "{e}"
+        );
+        let e = args(&["--lora", "a=x", "--lora", "a=y"])
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(e.0.contains("twice"), "{e}");
+        let e = args(&["--served-model-name", "m", "--lora", "m=x"])
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(e.0.contains("--served-model-name"), "{e}");
+        let e = args(&["--lora-root", "/no/such/root"])
+            .unwrap()
+            .into_config(PathBuf::from("m.gguf"))
+            .unwrap_err();
+        assert!(e.0.contains("--lora-root"), "{e}");
+        let cfg = args(&["--lora-root", "/tmp", "--max-loras", "2"])
+            .unwrap()
+            .into_config(PathBuf::from("m.gguf"))
+            .unwrap();
+        assert_eq!(
+            cfg.server.lora.root,
+            Some(PathBuf::from("/tmp").canonicalize().unwrap())
+        );
+        assert_eq!(cfg.server.lora.max_loras, 2);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use engine::adapters::AdapterError;
 use engine::EngineError;
 use serde::Serialize;
 
@@ -38,6 +39,9 @@ pub enum ApiError {
         requested: String,
         available: String,
     },
+    /// Unloading an adapter that is not loaded (vLLM's message).
+    #[error("The lora adapter '{0}' cannot be found.")]
+    AdapterNotFound(String),
     #[error("route not found: {0}")]
     RouteNotFound(String),
     #[error("method {0} is not allowed on this route")]
@@ -69,7 +73,9 @@ impl ApiError {
             | ApiError::BadBody(_)
             | ApiError::Unsupported { .. }
             | ApiError::ContextLength(_) => StatusCode::BAD_REQUEST,
-            ApiError::ModelNotFound { .. } | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound { .. }
+            | ApiError::AdapterNotFound(_)
+            | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -88,7 +94,9 @@ impl ApiError {
             | ApiError::ContextLength(_)
             | ApiError::PayloadTooLarge { .. }
             | ApiError::MethodNotAllowed(_) => "invalid_request_error",
-            ApiError::ModelNotFound { .. } | ApiError::RouteNotFound(_) => "not_found_error",
+            ApiError::ModelNotFound { .. }
+            | ApiError::AdapterNotFound(_)
+            | ApiError::RouteNotFound(_) => "not_found_error",
             ApiError::Unauthorized(_) => "authentication_error",
             ApiError::QueueFull(_) => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
@@ -100,6 +108,7 @@ impl ApiError {
         match self {
             ApiError::ContextLength(_) => Some("context_length_exceeded"),
             ApiError::ModelNotFound { .. } => Some("model_not_found"),
+            ApiError::AdapterNotFound(_) => Some("lora_adapter_not_found"),
             ApiError::Unauthorized(_) => Some("invalid_api_key"),
             ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
             ApiError::Unsupported { .. } => Some("unsupported_parameter"),
@@ -113,6 +122,7 @@ impl ApiError {
             ApiError::InvalidParam { param, .. } => param.clone(),
             ApiError::Unsupported { param, .. } => Some(param.clone()),
             ApiError::ModelNotFound { .. } => Some("model".into()),
+            ApiError::AdapterNotFound(_) => Some("lora_name".into()),
             _ => None,
         }
     }
@@ -149,6 +159,17 @@ impl From<EngineError> for ApiError {
                 message: m,
             },
             EngineError::Load(_) | EngineError::Internal(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<AdapterError> for ApiError {
+    fn from(e: AdapterError) -> Self {
+        match e {
+            AdapterError::Invalid { param, message } => ApiError::invalid(param, message),
+            AdapterError::AlreadyLoaded(_) => ApiError::invalid("lora_name", e.to_string()),
+            AdapterError::NotFound(name) => ApiError::AdapterNotFound(name),
+            AdapterError::Reload { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -290,5 +311,13 @@ mod tests {
         assert_eq!(s(EngineError::QueueFull(3)), 429);
         assert_eq!(s(EngineError::Unavailable("x".into())), 503);
         assert_eq!(s(EngineError::Internal("x".into())), 500);
+        let a = |e: AdapterError| ApiError::from(e).status().as_u16();
+        assert_eq!(a(AdapterError::AlreadyLoaded("x".into())), 400);
+        assert_eq!(a(AdapterError::NotFound("x".into())), 404);
+        let refused = AdapterError::Invalid {
+            param: "lora_path",
+            message: "DoRA".into(),
+        };
+        assert_eq!(a(refused), 400);
     }
 }

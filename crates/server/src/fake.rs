@@ -6,6 +6,8 @@
 //! chat:       "<|role|>content\n" per message, then "<|assistant|>"
 //! answer:     the prompt's bytes (BOS left out), then EOS -> finish "stop";
 //!             max_tokens first -> finish "length"
+//! model:      a tiny Llama shape (see [`fake_model_config`]) that LoRA adapters are
+//!             validated against; adapters change nothing in the answer
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use engine::chat::ChatMessage;
+use engine::handle::LoraActivity;
+use engine::model::{ModelConfig, RopeScaling, Variant};
 use engine::{
     EngineError, FinishInfo, FinishReason, GenerateRequest, ModelInfo, RequestId, RequestStream,
     TokenEvent, TokenLogprob,
@@ -44,10 +48,34 @@ struct Counters {
     running: AtomicUsize,
     cancelled: AtomicUsize,
     aborted: AtomicUsize,
+    /// Adapter names of the running jobs (one entry per job).
+    running_adapters: Mutex<Vec<String>>,
+}
+
+/// The fake model's shape: 2 layers, hidden 8, 2 query heads and 1 KV head of 4,
+/// intermediate 16 (q_proj is [8, 8], k/v_proj [4, 8], gate/up [16, 8], down [8, 16]).
+pub fn fake_model_config() -> ModelConfig {
+    ModelConfig {
+        name: "fake-model".into(),
+        hidden_size: 8,
+        intermediate_size: 16,
+        num_layers: 2,
+        num_heads: 2,
+        num_kv_heads: 1,
+        head_dim: 4,
+        vocab_size: VOCAB,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
+        rope_interleaved: false,
+        max_position_embeddings: 256,
+        variant: Variant::llama(2, 4),
+    }
 }
 
 pub struct FakeBackend {
     info: ModelInfo,
+    model_config: ModelConfig,
     mode: Mutex<FakeMode>,
     with_template: bool,
     accepting: AtomicBool,
@@ -74,11 +102,14 @@ impl FakeBackend {
             vocab_size: VOCAB,
             kv_cache_tokens: 4096,
             kv_bytes_per_token: 64,
+            window_kv_bytes_per_token: 0,
+            window_tokens: 0,
             block_size: 16,
             num_blocks: 256,
         };
         Arc::new(FakeBackend {
             info,
+            model_config: fake_model_config(),
             mode: Mutex::new(FakeMode::Echo),
             with_template,
             accepting: AtomicBool::new(true),
@@ -151,11 +182,26 @@ struct Job {
 
 impl Job {
     async fn run(mut self) {
+        let adapter = self.req.adapter.as_ref().map(|a| a.name.clone());
+        self.adapters(|v| v.extend(adapter.clone()));
         self.counters.running.fetch_add(1, Ordering::SeqCst);
         let reason = self.generate().await;
+        if let Some(name) = adapter {
+            self.adapters(|v| {
+                if let Some(i) = v.iter().position(|n| *n == name) {
+                    v.remove(i);
+                }
+            });
+        }
         self.counters.running.fetch_sub(1, Ordering::SeqCst);
         if reason.is_none() {
             self.counters.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn adapters(&self, f: impl FnOnce(&mut Vec<String>)) {
+        if let Ok(mut v) = self.counters.running_adapters.lock() {
+            f(&mut v);
         }
     }
 
@@ -241,6 +287,10 @@ impl Backend for FakeBackend {
         &self.info
     }
 
+    fn model_config(&self) -> &ModelConfig {
+        &self.model_config
+    }
+
     fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::Unavailable("the engine is draining".into()));
@@ -278,10 +328,22 @@ impl Backend for FakeBackend {
     }
 
     fn load(&self) -> EngineLoad {
+        let mut running = self
+            .counters
+            .running_adapters
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        running.sort();
+        running.dedup();
         EngineLoad {
             running: self.running(),
             waiting: 0,
             kv_cache_usage: self.running() as f64 / 256.0,
+            lora: LoraActivity {
+                running,
+                waiting: Vec::new(),
+            },
         }
     }
 

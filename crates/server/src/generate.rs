@@ -11,7 +11,7 @@ use engine::{FinishInfo, FinishReason, RequestStream, TokenEvent, TokenLogprob};
 
 use crate::backend::TextCodec;
 use crate::error::ApiError;
-use crate::metrics::ModelMetrics;
+use crate::metrics::{LoraMetrics, ModelMetrics};
 use crate::openai::{ChatLogprob, ChatLogprobs, CompletionLogprobs, TopLogprob};
 use crate::state::Loaded;
 use crate::validate::Plan;
@@ -21,6 +21,8 @@ use crate::validate::Plan;
 pub struct Tracked {
     stream: RequestStream,
     metrics: Arc<ModelMetrics>,
+    /// The counters of the request's adapter, if it has one.
+    lora: Option<Arc<LoraMetrics>>,
     api_id: Arc<str>,
     /// Choice index within the response.
     pub index: usize,
@@ -41,6 +43,7 @@ impl Tracked {
         Tracked {
             stream,
             metrics,
+            lora: None,
             api_id,
             index,
             submitted: Instant::now(),
@@ -48,6 +51,15 @@ impl Tracked {
             completion_tokens: 0,
             done: false,
         }
+    }
+
+    /// Also counts the request under its adapter.
+    pub fn with_lora(mut self, lora: Option<Arc<LoraMetrics>>) -> Self {
+        if let Some(l) = &lora {
+            l.on_submitted(self.stream.prompt_tokens);
+        }
+        self.lora = lora;
+        self
     }
 
     pub fn prompt_tokens(&self) -> usize {
@@ -71,12 +83,18 @@ impl Tracked {
             let now = Instant::now();
             self.metrics
                 .on_tokens(ev.token_ids.len(), self.last_token.map(|t| now - t));
+            if let Some(l) = &self.lora {
+                l.on_tokens(ev.token_ids.len());
+            }
             self.last_token = Some(now);
             self.completion_tokens += ev.token_ids.len();
         }
         if let Some(f) = &ev.finish {
             self.done = true;
             self.metrics.on_finished(f);
+            if let Some(l) = &self.lora {
+                l.on_finished(f);
+            }
             self.log_finished(f);
         }
         Some(Ok(ev))
@@ -121,15 +139,19 @@ impl Drop for Tracked {
     }
 }
 
-/// Submits every choice of `plan`; on a refusal the ones already submitted are dropped
-/// (cancelled) and the refusal is returned.
+/// Submits every choice of `plan` (each with the plan's adapter); on a refusal the ones
+/// already submitted are dropped (cancelled) and the refusal is returned.
 pub fn submit(plan: &Plan, loaded: &Loaded, api_id: &Arc<str>) -> Result<Vec<Tracked>, ApiError> {
+    let lora = plan
+        .adapter
+        .as_ref()
+        .map(|a| Arc::new(loaded.metrics.lora(&a.name)));
     plan.requests()
         .into_iter()
         .enumerate()
         .map(|(i, req)| {
             let s = loaded.backend.submit(req)?;
-            Ok(Tracked::new(s, loaded.metrics.clone(), api_id.clone(), i))
+            Ok(Tracked::new(s, loaded.metrics.clone(), api_id.clone(), i).with_lora(lora.clone()))
         })
         .collect()
 }

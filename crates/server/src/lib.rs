@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod fake;
 pub mod generate;
+pub mod lora;
 pub mod metrics;
 pub mod openai;
 pub mod routes;
@@ -25,6 +26,8 @@ pub mod validate;
 
 #[cfg(test)]
 mod api_tests;
+#[cfg(test)]
+mod lora_tests;
 
 pub use backend::{Backend, EngineBackend};
 pub use error::ApiError;

@@ -4,9 +4,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use server::config::{resolve_model, Cli, Command, LogFormat, ServeArgs, ServeConfig};
+use server::config::{
+    resolve_model, Cli, Command, LogFormat, ServeArgs, ServeConfig, StartupAdapter,
+};
 use server::metrics::Metrics;
-use server::{AppState, EngineBackend};
+use server::{AppState, Backend, EngineBackend};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -87,7 +89,7 @@ async fn run(cfg: ServeConfig) -> Result<(), String> {
     let mut engine_cfg = cfg.engine.clone();
     engine_cfg.observer = Some(metrics.observer());
     tracing::info!(%addr, model = %engine_cfg.model.display(), "listening; loading the model (/ready is 503 until it is loaded)");
-    let load = load_model(state.clone(), engine_cfg);
+    let load = load_model(state.clone(), engine_cfg, cfg.adapters.clone());
     server::serve::run(
         listener,
         state,
@@ -99,23 +101,28 @@ async fn run(cfg: ServeConfig) -> Result<(), String> {
 }
 
 /// Loads on a plain thread (a blocking load must not hold a runtime thread, and an
-/// unfinished load must not keep the process alive at shutdown).
-async fn load_model(state: AppState, cfg: engine::EngineConfig) -> Result<(), String> {
+/// unfinished load must not keep the process alive at shutdown): the model, then the
+/// `--lora` adapters; any failure stops start-up.
+async fn load_model(
+    state: AppState,
+    cfg: engine::EngineConfig,
+    adapters: Vec<StartupAdapter>,
+) -> Result<(), String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let started = std::time::Instant::now();
+    let loader_state = state.clone();
     std::thread::Builder::new()
         .name("tessera-load".into())
         .spawn(move || {
-            let _ = tx.send(engine::Engine::start(cfg));
+            let _ = tx.send(load_blocking(&loader_state, cfg, &adapters));
         })
         .map_err(|e| format!("cannot start the loader thread: {e}"))?;
-    let handle = match rx.await {
-        Ok(Ok(handle)) => handle,
-        Ok(Err(e)) => return Err(format!("could not load the model (--model): {e}")),
+    let (backend, registry) = match rx.await {
+        Ok(r) => r?,
         Err(_) => return Err("the model loader stopped without a result".into()),
     };
-    let info = handle.info().clone();
-    state.set_backend(EngineBackend::new(handle));
+    let info = backend.info().clone();
+    state.set_backend_with_adapters(backend, registry);
     tracing::info!(
         model = %info.name,
         max_model_len = info.max_model_len,
@@ -124,4 +131,47 @@ async fn load_model(state: AppState, cfg: engine::EngineConfig) -> Result<(), St
         "model loaded; ready"
     );
     Ok(())
+}
+
+type LoadedParts = (
+    std::sync::Arc<EngineBackend>,
+    std::sync::Arc<engine::adapters::AdapterRegistry>,
+);
+
+fn load_blocking(
+    state: &AppState,
+    cfg: engine::EngineConfig,
+    adapters: &[StartupAdapter],
+) -> Result<LoadedParts, String> {
+    let handle = engine::Engine::start(cfg)
+        .map_err(|e| format!("could not load the model (--model): {e}"))?;
+    let backend = EngineBackend::new(handle);
+    let registry = state.new_registry(backend.as_ref());
+    for a in adapters {
+        let spec = engine::adapters::LoadSpec {
+            name: &a.name,
+            path: &a.path.to_string_lossy(),
+            origin: engine::adapters::Origin::Startup,
+            replace: false,
+        };
+        match registry.load(spec) {
+            Ok(out) => tracing::info!(
+                adapter = %a.name,
+                path = %out.info.path.display(),
+                rank = out.info.rank,
+                bytes = out.info.bytes,
+                load_ms = out.elapsed.as_secs_f64() * 1e3,
+                "adapter loaded (--lora)"
+            ),
+            Err(e) => {
+                backend.shutdown();
+                return Err(format!(
+                    "could not load the adapter --lora {}={}: {e}",
+                    a.name,
+                    a.path.display()
+                ));
+            }
+        }
+    }
+    Ok((backend, registry))
 }

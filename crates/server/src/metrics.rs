@@ -2,10 +2,17 @@
 //! requests by route template and status. Every name, label and bucket list is here.
 //!
 //! Label sets are bounded: model name, finish reason, route template, method, status,
-//! error type; never a request id.
+//! error type, adapter name (adapters are loaded by the operator); never a request id.
+//!
+//! `tessera:lora_requests_info` follows vLLM's `vllm:lora_requests_info`, which the Gateway
+//! API Inference Extension reads for LoRA affinity: one gauge series whose labels carry
+//! `max_lora` and the comma-joined, sorted names of the adapters of running and of waiting
+//! requests, and whose value is the unix time (seconds) of the last change. tessera keeps
+//! a single current series: when the adapters change (seen at scrape time), the old label
+//! set is removed.
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use engine::{FinishInfo, FinishReason, StepObserver, StepStats};
 use prometheus::{
@@ -30,9 +37,17 @@ pub const ITERATION_TOKENS_TOTAL: &str = "tessera:iteration_tokens_total";
 pub const HTTP_REQUESTS_TOTAL: &str = "tessera:http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "tessera:http_request_duration_seconds";
 pub const HTTP_REQUEST_ERRORS_TOTAL: &str = "tessera:http_request_errors_total";
+pub const LORA_REQUESTS_INFO: &str = "tessera:lora_requests_info";
+pub const LORA_REQUESTS_TOTAL: &str = "tessera:lora_requests_total";
+pub const LORA_PROMPT_TOKENS_TOTAL: &str = "tessera:lora_prompt_tokens_total";
+pub const LORA_GENERATION_TOKENS_TOTAL: &str = "tessera:lora_generation_tokens_total";
 
 pub const LABEL_MODEL_NAME: &str = "model_name";
 pub const LABEL_FINISHED_REASON: &str = "finished_reason";
+pub const LABEL_LORA_NAME: &str = "lora_name";
+pub const LABEL_MAX_LORA: &str = "max_lora";
+pub const LABEL_RUNNING_LORA_ADAPTERS: &str = "running_lora_adapters";
+pub const LABEL_WAITING_LORA_ADAPTERS: &str = "waiting_lora_adapters";
 
 /// vLLM's buckets.
 pub const TTFT_BUCKETS: &[f64] = &[
@@ -77,8 +92,85 @@ pub struct Metrics {
     queue: HistogramVec,
     iteration_tokens: HistogramVec,
     http: HttpFamilies,
+    lora: LoraFamilies,
     /// The per-model children, bound once the served model name is known.
     model: OnceLock<Arc<ModelMetrics>>,
+}
+
+/// The LoRA families: the info gauge and the per-adapter counters.
+#[derive(Clone)]
+struct LoraFamilies {
+    info: GaugeVec,
+    /// The label values of the one current `lora_requests_info` series.
+    info_current: Arc<Mutex<Option<[String; 3]>>>,
+    requests: IntCounterVec,
+    prompt_tokens: IntCounterVec,
+    generation_tokens: IntCounterVec,
+}
+
+impl LoraFamilies {
+    fn new(r: &Registry) -> prometheus::Result<Self> {
+        let info = GaugeVec::new(
+            Opts::new(
+                LORA_REQUESTS_INFO,
+                "Running and waiting LoRA adapters (comma-joined names); the value is the unix time of the last change.",
+            ),
+            &[
+                LABEL_MAX_LORA,
+                LABEL_RUNNING_LORA_ADAPTERS,
+                LABEL_WAITING_LORA_ADAPTERS,
+            ],
+        )?;
+        r.register(Box::new(info.clone()))?;
+        let per_adapter = [LABEL_MODEL_NAME, LABEL_LORA_NAME];
+        Ok(LoraFamilies {
+            info,
+            info_current: Arc::default(),
+            requests: counter(
+                r,
+                LORA_REQUESTS_TOTAL,
+                "Finished requests per LoRA adapter by finish reason.",
+                &[LABEL_MODEL_NAME, LABEL_LORA_NAME, LABEL_FINISHED_REASON],
+            )?,
+            prompt_tokens: counter(
+                r,
+                LORA_PROMPT_TOKENS_TOTAL,
+                "Prompt tokens of requests per LoRA adapter.",
+                &per_adapter,
+            )?,
+            generation_tokens: counter(
+                r,
+                LORA_GENERATION_TOKENS_TOTAL,
+                "Generated tokens per LoRA adapter.",
+                &per_adapter,
+            )?,
+        })
+    }
+
+    /// Keeps one series: a change of label values removes the old series and stamps the
+    /// new one with the current time.
+    fn set_info(&self, max_lora: usize, running: &[String], waiting: &[String]) {
+        let labels = [max_lora.to_string(), running.join(","), waiting.join(",")];
+        let Ok(mut current) = self.info_current.lock() else {
+            return;
+        };
+        if current.as_ref() == Some(&labels) {
+            return;
+        }
+        if let Some(old) = current.take() {
+            let old: Vec<&str> = old.iter().map(String::as_str).collect();
+            let _ = self.info.remove_label_values(&old);
+        }
+        let new: Vec<&str> = labels.iter().map(String::as_str).collect();
+        self.info.with_label_values(&new).set(unix_time_f64());
+        *current = Some(labels);
+    }
+}
+
+fn unix_time_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// HTTP requests by route template (bounded: unmatched paths share one label).
@@ -117,6 +209,9 @@ impl HttpFamilies {
 /// The children of the model metrics for the one served model.
 pub struct ModelMetrics {
     pub model_name: String,
+    /// `--max-loras`, the `max_lora` label of `tessera:lora_requests_info`.
+    pub max_lora: usize,
+    lora: LoraFamilies,
     running: Gauge,
     waiting: Gauge,
     kv_usage: Gauge,
@@ -244,22 +339,29 @@ impl Metrics {
                 ITERATION_TOKENS_BUCKETS,
             )?,
             http: HttpFamilies::new(&r)?,
+            lora: LoraFamilies::new(&r)?,
             registry: r,
             model: OnceLock::new(),
         }))
     }
 
-    /// Creates the per-model children (so they appear at 0); later calls keep the first name.
-    pub fn bind_model(&self, model_name: &str) -> Arc<ModelMetrics> {
+    /// Creates the per-model children (so they appear at 0) and the LoRA info series;
+    /// later calls keep the first name.
+    pub fn bind_model(&self, model_name: &str, max_lora: usize) -> Arc<ModelMetrics> {
         self.model
-            .get_or_init(|| Arc::new(self.children(model_name)))
+            .get_or_init(|| {
+                self.lora.set_info(max_lora, &[], &[]);
+                Arc::new(self.children(model_name, max_lora))
+            })
             .clone()
     }
 
-    fn children(&self, name: &str) -> ModelMetrics {
+    fn children(&self, name: &str, max_lora: usize) -> ModelMetrics {
         let l = [name];
         ModelMetrics {
             model_name: name.to_string(),
+            max_lora,
+            lora: self.lora.clone(),
             running: self.running.with_label_values(&l),
             waiting: self.waiting.with_label_values(&l),
             kv_usage: self.kv_usage.with_label_values(&l),
@@ -315,6 +417,8 @@ impl Metrics {
             m.running.set(load.running as f64);
             m.waiting.set(load.waiting as f64);
             m.kv_usage.set(load.kv_cache_usage.clamp(0.0, 1.0));
+            self.lora
+                .set_info(m.max_lora, &load.lora.running, &load.lora.waiting);
         }
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
@@ -322,7 +426,47 @@ impl Metrics {
     }
 }
 
+/// The counters of one adapter (children of the per-adapter families).
+pub struct LoraMetrics {
+    prompt_tokens: IntCounter,
+    generation_tokens: IntCounter,
+    requests: Vec<(FinishReason, IntCounter)>,
+}
+
+impl LoraMetrics {
+    pub fn on_submitted(&self, prompt_tokens: usize) {
+        self.prompt_tokens.inc_by(prompt_tokens as u64);
+    }
+
+    pub fn on_tokens(&self, n: usize) {
+        self.generation_tokens.inc_by(n as u64);
+    }
+
+    pub fn on_finished(&self, f: &FinishInfo) {
+        if let Some((_, c)) = self.requests.iter().find(|(r, _)| *r == f.reason) {
+            c.inc();
+        }
+    }
+}
+
 impl ModelMetrics {
+    /// The counters of adapter `lora_name` (created at 0 on first use; they outlive an
+    /// unload, as counters should).
+    pub fn lora(&self, lora_name: &str) -> LoraMetrics {
+        let l = [self.model_name.as_str(), lora_name];
+        LoraMetrics {
+            prompt_tokens: self.lora.prompt_tokens.with_label_values(&l),
+            generation_tokens: self.lora.generation_tokens.with_label_values(&l),
+            requests: FINISH_REASONS
+                .iter()
+                .map(|&r| {
+                    let labels = [self.model_name.as_str(), lora_name, r.as_str()];
+                    (r, self.lora.requests.with_label_values(&labels))
+                })
+                .collect(),
+        }
+    }
+
     pub fn on_submitted(&self, prompt_tokens: usize) {
         self.prompt_tokens.inc_by(prompt_tokens as u64);
     }
@@ -378,7 +522,7 @@ mod tests {
     #[test]
     fn render_lists_every_model_metric_once_bound() {
         let m = Metrics::new().unwrap();
-        m.bind_model("smol");
+        m.bind_model("smol", 8);
         m.observer().on_step(&StepStats {
             num_tokens: 7,
             num_preempted: 2,
@@ -389,6 +533,7 @@ mod tests {
                 running: 3,
                 waiting: 1,
                 kv_cache_usage: 0.25,
+                ..Default::default()
             }))
             .unwrap();
         for name in [
@@ -404,6 +549,7 @@ mod tests {
             E2E_REQUEST_LATENCY_SECONDS,
             REQUEST_QUEUE_TIME_SECONDS,
             ITERATION_TOKENS_TOTAL,
+            LORA_REQUESTS_INFO,
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
@@ -424,6 +570,55 @@ mod tests {
         );
         assert!(text.contains(
             r#"tessera:request_success_total{finished_reason="abort",model_name="smol"} 0"#
+        ));
+    }
+
+    fn info_series(m: &Metrics) -> Vec<String> {
+        m.render(None)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with(LORA_REQUESTS_INFO))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn lora_info_keeps_one_series_stamped_with_the_last_change() {
+        let m = Metrics::new().unwrap();
+        let model = m.bind_model("smol", 4);
+        let series = info_series(&m);
+        assert_eq!(series.len(), 1, "{series:?}");
+        assert!(series[0].starts_with(
+            r#"tessera:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} "#
+        ));
+        let activity = |running: &[&str], waiting: &[&str]| EngineLoad {
+            lora: engine::handle::LoraActivity {
+                running: running.iter().map(|s| s.to_string()).collect(),
+                waiting: waiting.iter().map(|s| s.to_string()).collect(),
+            },
+            ..Default::default()
+        };
+        m.render(Some(activity(&["a", "b"], &["c"]))).unwrap();
+        let series = info_series(&m);
+        assert_eq!(series.len(), 1, "{series:?}");
+        let (labels, value) = series[0].rsplit_once(' ').unwrap();
+        assert_eq!(
+            labels,
+            r#"tessera:lora_requests_info{max_lora="4",running_lora_adapters="a,b",waiting_lora_adapters="c"}"#
+        );
+        let stamp: f64 = value.parse().unwrap();
+        assert!((stamp - unix_time_f64()).abs() < 60.0, "{stamp}");
+        m.render(Some(activity(&["a", "b"], &["c"]))).unwrap();
+        assert_eq!(info_series(&m), series, "no change, same stamp");
+        let lora = model.lora("a");
+        lora.on_submitted(5);
+        lora.on_tokens(2);
+        let text = m.render(None).unwrap();
+        assert!(
+            text.contains(r#"tessera:lora_prompt_tokens_total{lora_name="a",model_name="smol"} 5"#)
+        );
+        assert!(text.contains(
+            r#"tessera:lora_generation_tokens_total{lora_name="a",model_name="smol"} 2"#
         ));
     }
 }

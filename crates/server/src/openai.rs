@@ -280,7 +280,7 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ),
     (
         "lora_request",
-        "LoRA adapters are not supported by tessera yet",
+        "select a LoRA adapter by giving its name as `model`",
     ),
 ];
 
@@ -514,6 +514,77 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub max_model_len: usize,
+    /// The base: its served name; an adapter: its folder.
+    pub root: String,
+    /// An adapter: the served base name; the base: null (as vLLM lists them).
+    pub parent: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// LoRA adapter management (vLLM's endpoints)
+
+/// `POST /v1/load_lora_adapter`.
+#[derive(Debug, Default, Deserialize)]
+pub struct LoadLoraRequest {
+    pub lora_name: Option<String>,
+    pub lora_path: Option<String>,
+    /// Replace an adapter of the same name instead of refusing.
+    pub load_inplace: Option<bool>,
+}
+
+/// `POST /v1/unload_lora_adapter`.
+#[derive(Debug, Default, Deserialize)]
+pub struct UnloadLoraRequest {
+    pub lora_name: Option<String>,
+    /// Accepted and ignored (vLLM's numeric id; tessera goes by name).
+    pub lora_int_id: Option<i64>,
+}
+
+impl FromBody for LoadLoraRequest {
+    fn from_object(obj: Map<String, Value>) -> Result<Self, ApiError> {
+        strict(obj)
+    }
+}
+
+impl FromBody for UnloadLoraRequest {
+    fn from_object(obj: Map<String, Value>) -> Result<Self, ApiError> {
+        strict(obj)
+    }
+}
+
+/// A JSON object -> `T`, refusing (by name) fields `T` does not have.
+fn strict<T: DeserializeOwned>(obj: Map<String, Value>) -> Result<T, ApiError> {
+    let names = field_names::<T>();
+    if let Some(key) = obj
+        .iter()
+        .find(|(k, v)| !names.contains(&k.as_str()) && !v.is_null())
+        .map(|(k, _)| k.clone())
+    {
+        return Err(ApiError::invalid(&key, format!("unknown field `{key}`")));
+    }
+    typed(obj)
+}
+
+/// `GET /v1/lora_adapters`.
+#[derive(Debug, Serialize)]
+pub struct AdapterList {
+    pub object: &'static str,
+    pub data: Vec<AdapterCard>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AdapterCard {
+    pub name: String,
+    /// The adapter folder (canonical).
+    pub path: String,
+    /// Largest rank of its layers.
+    pub rank: usize,
+    /// Bytes of adapter weights (of the last version read, when evicted).
+    pub bytes: usize,
+    /// `loaded` (in memory) or `evicted` (read back from `path` on the next request).
+    pub state: &'static str,
+    /// The served base model it applies to.
+    pub parent: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

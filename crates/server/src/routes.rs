@@ -15,6 +15,7 @@ use crate::generate::{
     self, chat_logprobs, collect_all, completion_logprobs, new_id, prompt_usage, Collected,
     ResponseMeta, Tracked,
 };
+use crate::lora::{self, Selection};
 use crate::openai::{
     ChatChoice, ChatMessageOut, ChatRequest, ChatResponse, CompletionChoice, CompletionRequest,
     CompletionResponse, ModelCard, ModelList, Usage,
@@ -23,13 +24,17 @@ use crate::state::{unix_now, AppState, Loaded};
 use crate::stream::{self, Kind, StreamSpec};
 use crate::validate::{self, Plan};
 
-/// All routes over `state`. `/health`, `/ready` and `/metrics` need no API key.
+/// All routes over `state`. `/health`, `/ready` and `/metrics` need no API key; the
+/// adapter endpoints do, like every `/v1/*` route.
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
+        .route("/v1/load_lora_adapter", post(lora::load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(lora::unload_lora_adapter))
+        .route("/v1/lora_adapters", get(lora::list_lora_adapters))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -78,14 +83,29 @@ fn model_card(state: &AppState, l: &Loaded) -> ModelCard {
         created: state.started(),
         owned_by: "tessera",
         max_model_len: l.backend.info().max_model_len,
+        root: l.served_name.clone(),
+        parent: None,
     }
+}
+
+/// The base first, then every adapter (by name) with `parent` = the base.
+fn model_cards(state: &AppState, l: &Loaded) -> Vec<ModelCard> {
+    let adapters = lora::adapter_cards(l).into_iter().map(|a| ModelCard {
+        id: a.name,
+        root: a.path,
+        parent: Some(a.parent),
+        ..model_card(state, l)
+    });
+    std::iter::once(model_card(state, l))
+        .chain(adapters)
+        .collect()
 }
 
 async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let l = loaded(&state)?;
     Ok(Json(ModelList {
         object: "list",
-        data: vec![model_card(&state, l)],
+        data: model_cards(&state, l),
     }))
 }
 
@@ -94,8 +114,11 @@ async fn get_model(
     Path(model): Path<String>,
 ) -> Result<Json<ModelCard>, ApiError> {
     let l = loaded(&state)?;
-    validate::check_model(Some(&model), &l.served_name)?;
-    Ok(Json(model_card(&state, l)))
+    model_cards(&state, l)
+        .into_iter()
+        .find(|c| c.id == model)
+        .map(Json)
+        .ok_or_else(|| lora::model_not_found(l, &model))
 }
 
 fn loaded(state: &AppState) -> Result<&Loaded, ApiError> {
@@ -117,10 +140,13 @@ async fn completions(
     AppJson(req): AppJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let l = state.serving()?;
-    validate::check_model(req.fields.model.as_deref(), &l.served_name)?;
-    let plan = validate::completion(&req, l.backend.as_ref())?;
+    let Selection { model, adapter } = lora::select(l, req.fields.model.as_deref()).await?;
+    let plan = Plan {
+        adapter,
+        ..validate::completion(&req, l.backend.as_ref())?
+    };
     let inflight = state.inflight_guard();
-    let meta = meta(l, "cmpl");
+    let meta = meta(model, "cmpl");
     let choices = generate::submit(&plan, l, &meta.id)?;
     let prompt_tokens = prompt_usage(plan.n, choices.iter().map(Tracked::prompt_tokens));
     if plan.stream {
@@ -146,10 +172,13 @@ async fn chat_completions(
     AppJson(req): AppJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let l = state.serving()?;
-    validate::check_model(req.fields.model.as_deref(), &l.served_name)?;
-    let plan = validate::chat(&req, l.backend.as_ref())?;
+    let Selection { model, adapter } = lora::select(l, req.fields.model.as_deref()).await?;
+    let plan = Plan {
+        adapter,
+        ..validate::chat(&req, l.backend.as_ref())?
+    };
     let inflight = state.inflight_guard();
-    let meta = meta(l, "chatcmpl");
+    let meta = meta(model, "chatcmpl");
     let choices = generate::submit(&plan, l, &meta.id)?;
     let prompt_tokens = prompt_usage(plan.n, choices.iter().map(Tracked::prompt_tokens));
     if plan.stream {
@@ -168,11 +197,12 @@ async fn chat_completions(
     Ok(Json(chat_body(meta, &plan, l, &done)).into_response())
 }
 
-fn meta(l: &Loaded, prefix: &str) -> ResponseMeta {
+/// `model`: the served name, or the adapter's name when the request ran on one.
+fn meta(model: String, prefix: &str) -> ResponseMeta {
     ResponseMeta {
         id: Arc::from(new_id(prefix)),
         created: unix_now(),
-        model: l.served_name.clone(),
+        model,
     }
 }
 

@@ -1,8 +1,12 @@
-//! The router's state: the backend once loaded, the draining flag, the in-flight count.
+//! The router's state: the backend and its adapter registry once loaded, the draining
+//! flag, the in-flight count.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use engine::adapters::{AdapterRegistry, RegistryOptions};
 
 use crate::backend::Backend;
 use crate::error::ApiError;
@@ -17,6 +21,7 @@ pub struct ServerOptions {
     pub served_model_name: Option<String>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    pub lora: LoraOptions,
 }
 
 impl Default for ServerOptions {
@@ -25,6 +30,31 @@ impl Default for ServerOptions {
             api_key: None,
             served_model_name: None,
             max_body_bytes: 4 << 20,
+            lora: LoraOptions::default(),
+        }
+    }
+}
+
+/// The LoRA flags the HTTP layer needs (the adapter registry's and the metrics').
+#[derive(Debug, Clone)]
+pub struct LoraOptions {
+    /// `--max-loras` (the engine's limit; shown as `max_lora` in `tessera:lora_requests_info`).
+    pub max_loras: usize,
+    /// `--max-lora-rank`.
+    pub max_lora_rank: usize,
+    /// `--max-cpu-loras`.
+    pub max_cpu_loras: usize,
+    /// `--lora-root`, canonical; `None`: adapters can only be given at start-up.
+    pub root: Option<PathBuf>,
+}
+
+impl Default for LoraOptions {
+    fn default() -> Self {
+        LoraOptions {
+            max_loras: 8,
+            max_lora_rank: 64,
+            max_cpu_loras: 32,
+            root: None,
         }
     }
 }
@@ -35,6 +65,8 @@ pub struct Loaded {
     /// The name clients must use (listed first by `/v1/models`).
     pub served_name: String,
     pub metrics: Arc<ModelMetrics>,
+    /// LoRA adapters by name; a request's `model` may name one.
+    pub adapters: Arc<AdapterRegistry>,
 }
 
 /// Cheap to clone; shared by every handler.
@@ -80,15 +112,49 @@ impl AppState {
         s
     }
 
-    /// Makes the model available; returns false when one was already set.
-    pub fn set_backend(&self, backend: Arc<dyn Backend>) -> bool {
-        let served_name = self
-            .inner
+    /// The name clients use for `backend`'s model.
+    pub fn served_name(&self, backend: &dyn Backend) -> String {
+        self.inner
             .opts
             .served_model_name
             .clone()
-            .unwrap_or_else(|| backend.info().name.clone());
-        let metrics = self.inner.metrics.bind_model(&served_name);
+            .unwrap_or_else(|| backend.info().name.clone())
+    }
+
+    /// An empty adapter registry for `backend`'s model, configured from the LoRA options.
+    pub fn new_registry(&self, backend: &dyn Backend) -> Arc<AdapterRegistry> {
+        let lora = &self.inner.opts.lora;
+        let opts = RegistryOptions {
+            max_rank: lora.max_lora_rank,
+            max_cpu_loras: lora.max_cpu_loras,
+            root: lora.root.clone(),
+            reserved_names: vec![self.served_name(backend)],
+        };
+        Arc::new(AdapterRegistry::new(backend.model_config().clone(), opts))
+    }
+
+    /// Makes the model available with no adapter loaded yet; returns false when one was
+    /// already set.
+    pub fn set_backend(&self, backend: Arc<dyn Backend>) -> bool {
+        let adapters = self.new_registry(backend.as_ref());
+        self.set_backend_with_adapters(backend, adapters)
+    }
+
+    /// Makes the model available with `adapters` (made by [`Self::new_registry`], holding
+    /// the start-up adapters); returns false when one was already set.
+    pub fn set_backend_with_adapters(
+        &self,
+        backend: Arc<dyn Backend>,
+        adapters: Arc<AdapterRegistry>,
+    ) -> bool {
+        let served_name = self.served_name(backend.as_ref());
+        let metrics = self
+            .inner
+            .metrics
+            .bind_model(&served_name, self.inner.opts.lora.max_loras);
+        for name in adapters.names() {
+            metrics.lora(&name);
+        }
         let fresh = self
             .inner
             .loaded
@@ -96,6 +162,7 @@ impl AppState {
                 backend,
                 served_name,
                 metrics,
+                adapters,
             })
             .is_ok();
         if fresh && self.is_draining() {

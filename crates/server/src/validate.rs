@@ -4,7 +4,10 @@
 //! ranges again at submit; doing it here first means no request of an `n > 1` batch is
 //! submitted when another would be refused.
 
+use std::sync::Arc;
+
 use engine::chat::ChatMessage;
+use engine::lora::LoraAdapter;
 use engine::request::MAX_LOGPROBS;
 use engine::{GenerateRequest, SamplingParams};
 
@@ -33,6 +36,8 @@ pub struct Plan {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// The adapter every choice runs with (the request's `model` named it); `None`: the base.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 #[derive(Debug, Clone)]
@@ -53,7 +58,7 @@ impl Plan {
                 out.push(GenerateRequest {
                     prompt_ids: p.ids.clone(),
                     params,
-                    adapter: None,
+                    adapter: self.adapter.clone(),
                 });
             }
         }
@@ -65,17 +70,6 @@ impl Plan {
         self.prompts
             .get(choice / self.n.max(1))
             .and_then(|p| p.echo.as_deref())
-    }
-}
-
-/// 404 unless `requested` (when given) is the served name.
-pub fn check_model(requested: Option<&str>, served: &str) -> Result<(), ApiError> {
-    match requested {
-        Some(m) if m != served => Err(ApiError::ModelNotFound {
-            requested: m.to_string(),
-            available: format!("`{served}`"),
-        }),
-        _ => Ok(()),
     }
 }
 
@@ -128,6 +122,7 @@ pub fn completion(req: &CompletionRequest, b: &dyn Backend) -> Result<Plan, ApiE
         n,
         stream,
         include_usage,
+        adapter: None,
     })
 }
 
@@ -226,6 +221,7 @@ pub fn chat(req: &ChatRequest, b: &dyn Backend) -> Result<Plan, ApiError> {
         n,
         stream,
         include_usage,
+        adapter: None,
     })
 }
 
