@@ -135,6 +135,11 @@ impl Drop for Tracked {
                 total_ms = millis(self.submitted.elapsed()),
                 "request cancelled before it finished (client gone, or a sibling choice refused)"
             );
+            // The engine aborts it at its next step; count it as vLLM does.
+            self.metrics.on_aborted();
+            if let Some(l) = &self.lora {
+                l.on_aborted();
+            }
         }
     }
 }

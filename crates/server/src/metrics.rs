@@ -447,6 +447,13 @@ impl LoraMetrics {
             c.inc();
         }
     }
+
+    /// A request dropped by its client before it finished.
+    pub fn on_aborted(&self) {
+        if let Some((_, c)) = self.requests.iter().find(|(r, _)| *r == FinishReason::Abort) {
+            c.inc();
+        }
+    }
 }
 
 impl ModelMetrics {
@@ -479,6 +486,13 @@ impl ModelMetrics {
             for _ in 0..n {
                 self.itl.observe(per_token);
             }
+        }
+    }
+
+    /// A request dropped by its client before it finished: `finished_reason="abort"`.
+    pub fn on_aborted(&self) {
+        if let Some((_, c)) = self.success.iter().find(|(r, _)| *r == FinishReason::Abort) {
+            c.inc();
         }
     }
 
