@@ -73,7 +73,7 @@ async def one(client, model, i, max_tokens, ignore_eos):
     }
 
 
-async def level(url, key, model, concurrency, total, max_tokens, ignore_eos):
+async def level(url, key, models, concurrency, total, max_tokens, ignore_eos):
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
     sem = asyncio.Semaphore(concurrency)
     results, errors = [], []
@@ -81,7 +81,7 @@ async def level(url, key, model, concurrency, total, max_tokens, ignore_eos):
     async def guarded(i):
         async with sem:
             try:
-                results.append(await one(client, model, i, max_tokens, ignore_eos))
+                results.append(await one(client, models[i % len(models)], i, max_tokens, ignore_eos))
             except Exception as e:  # noqa: BLE001 - counted and reported
                 errors.append(repr(e)[:200])
 
@@ -111,24 +111,25 @@ async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--api-key", default="none")
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="model name (default: the first listed)")
+    ap.add_argument("--models", default=None, help="comma-separated names, cycled over requests (e.g. LoRA adapters)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests-per-level", type=int, default=None, help="default: 2 x concurrency, at least 4")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-ignore-eos", action="store_true")
     a = ap.parse_args()
-    model = a.model
-    if model is None:
+    models = a.models.split(",") if a.models else ([a.model] if a.model else None)
+    if models is None:
         c = openai.AsyncOpenAI(base_url=f"{a.url}/v1", api_key=a.api_key)
-        model = (await c.models.list()).data[0].id
+        models = [(await c.models.list()).data[0].id]
         await c.close()
     out = []
     for conc in a.concurrency:
         total = a.requests_per_level or max(4, 2 * conc)
-        r = await level(a.url, a.api_key, model, conc, total, a.max_tokens, not a.no_ignore_eos)
+        r = await level(a.url, a.api_key, models, conc, total, a.max_tokens, not a.no_ignore_eos)
         print(json.dumps(r), file=sys.stderr, flush=True)
         out.append(r)
-    print(json.dumps({"url": a.url, "model": model, "levels": out}, indent=2))
+    print(json.dumps({"url": a.url, "models": models, "levels": out}, indent=2))
 
 
 if __name__ == "__main__":

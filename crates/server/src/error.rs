@@ -5,7 +5,6 @@
 //! invalid UTF-8 and oversized bodies all come back in that shape.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -199,23 +198,40 @@ impl<T: FromBody> FromRequest<AppState> for AppJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let limit = state.opts().max_body_bytes;
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| body_rejection(e, limit))?;
+        let bytes = read_limited(req.into_body(), state.opts().max_body_bytes).await?;
         parse_json(&bytes).map(AppJson)
     }
 }
 
-fn body_rejection(e: BytesRejection, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge { limit }
-    } else {
-        ApiError::BadBody(format!(
-            "could not read the request body: {}",
-            e.body_text()
-        ))
+/// Past the limit, up to this many more bytes are read and thrown away before answering
+/// 413, so that a client that writes its whole body before reading (curl, requests,
+/// reqwest) gets the 413 instead of a broken pipe; a larger body has its connection closed.
+const DRAIN_CAP: usize = 64 << 20;
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The body, at most `limit` bytes.
+async fn read_limited(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadBody(format!("could not read the request body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            let mut drained = buf.len() + chunk.len();
+            let drain = async {
+                while let Some(Ok(c)) = stream.next().await {
+                    drained += c.len();
+                    if drained > limit + DRAIN_CAP {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        buf.extend_from_slice(&chunk);
     }
+    Ok(Bytes::from(buf))
 }
 
 /// Bytes -> UTF-8 -> JSON object -> `T`, each failure named precisely.
