@@ -396,6 +396,29 @@ impl LlamaModel {
         logits
     }
 
+    /// One sequence through a fresh cache, without the scheduler: logits at `rows`
+    /// (positions of `tokens`), `[rows.len(), vocab]`. For tests and tools.
+    pub fn forward_sequence(&self, pool: &ThreadPool, tokens: &[u32], rows: &[usize], lora: Vec<AdapterRows<'_>>) -> Vec<f32> {
+        use crate::kv_cache::KvLayout;
+        let c = &self.config;
+        let bs = 16;
+        let nb = tokens.len().div_ceil(bs);
+        let layout = KvLayout { num_layers: c.num_layers, num_blocks: nb, block_size: bs, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let mut cache = KvCache::new(layout);
+        let table: Vec<u32> = (0..nb as u32).collect();
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        let batch = BatchInput {
+            token_ids: tokens,
+            positions: &positions,
+            seqs: vec![SeqInput { query_start: 0, query_len: tokens.len(), context_len: tokens.len(), block_table: &table, window_block_table: None }],
+            slot_mapping: &positions,
+            window_slot_mapping: None,
+            logits_rows: rows,
+            lora,
+        };
+        self.forward(pool, &batch, &mut cache)
+    }
+
     /// Bytes of weights read per decode step.
     pub fn weight_bytes(&self) -> usize {
         let lin = |l: &Linear| l.weight.storage_bytes();

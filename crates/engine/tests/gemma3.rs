@@ -36,8 +36,6 @@ fn tokenizer_matches_llama_cpp_on_every_prompt() {
 /// within MAX_GAP logits of it: the same function up to activation rounding.
 #[test]
 fn llama_cpp_greedy_choices_are_tesseras_top_choices_under_teacher_forcing() {
-    use engine::kv_cache::{KvCache, KvLayout};
-    use engine::model::{BatchInput, SeqInput};
     let loaded = engine::loader::load(&gemma_path()).unwrap();
     let (m, c) = (&loaded.model, &loaded.model.config);
     let pool = engine::threadpool::ThreadPool::new(2);
@@ -47,21 +45,8 @@ fn llama_cpp_greedy_choices_are_tesseras_top_choices_under_teacher_forcing() {
         let prompt = ids(&p["prompt_ids"]);
         let gen = ids(&p["generated_ids"]);
         let seq: Vec<u32> = prompt.iter().chain(&gen).copied().collect();
-        let nb = seq.len().div_ceil(16);
-        let mut cache = KvCache::new(KvLayout { num_layers: c.num_layers, num_blocks: nb, block_size: 16, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim });
-        let table: Vec<u32> = (0..nb as u32).collect();
-        let pos: Vec<usize> = (0..seq.len()).collect();
         let rows: Vec<usize> = (prompt.len() - 1..seq.len() - 1).collect();
-        let batch = BatchInput {
-            token_ids: &seq,
-            positions: &pos,
-            seqs: vec![SeqInput { query_start: 0, query_len: seq.len(), context_len: seq.len(), block_table: &table, window_block_table: None }],
-            slot_mapping: &pos,
-            window_slot_mapping: None,
-            logits_rows: &rows,
-            lora: Vec::new(),
-        };
-        let logits = m.forward(&pool, &batch, &mut cache);
+        let logits = m.forward_sequence(&pool, &seq, &rows, Vec::new());
         for (step, (row, &chosen)) in logits.chunks(c.vocab_size).zip(&gen).enumerate() {
             let max = row.iter().cloned().fold(f32::MIN, f32::max);
             let gap = max - row[chosen as usize];

@@ -61,22 +61,5 @@ fn last_prompt_logits_match_the_reference_vector() {
 }
 
 fn forward_last(model: &engine::model::LlamaModel, pool: &engine::threadpool::ThreadPool, prompt: &[u32]) -> Vec<f32> {
-    use engine::kv_cache::{KvCache, KvLayout};
-    use engine::model::{BatchInput, SeqInput};
-    let c = &model.config;
-    let bs = 16;
-    let nb = prompt.len().div_ceil(bs);
-    let mut cache = KvCache::new(KvLayout { num_layers: c.num_layers, num_blocks: nb, block_size: bs, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim });
-    let table: Vec<u32> = (0..nb as u32).collect();
-    let positions: Vec<usize> = (0..prompt.len()).collect();
-    let batch = BatchInput {
-        token_ids: prompt,
-        positions: &positions,
-        seqs: vec![SeqInput { query_start: 0, query_len: prompt.len(), context_len: prompt.len(), block_table: &table, window_block_table: None }],
-        slot_mapping: &positions,
-        window_slot_mapping: None,
-        logits_rows: &[prompt.len() - 1],
-        lora: Vec::new(),
-    };
-    model.forward(pool, &batch, &mut cache)
+    model.forward_sequence(pool, prompt, &[prompt.len() - 1], Vec::new())
 }

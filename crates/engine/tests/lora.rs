@@ -93,9 +93,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 #[test]
 fn unmerged_equals_merged() {
     use engine::cpu::matmul::{Linear, Weight};
-    use engine::kv_cache::{KvCache, KvLayout};
     use engine::lora::AdapterRows;
-    use engine::model::{BatchInput, SeqInput};
     let pool = engine::threadpool::ThreadPool::new(2);
     let prompt = ids(&golden("base.json")["prompts"][0]["prompt_ids"]);
     for (r, targets) in [(4, vec![Module::Q, Module::V]), (16, Module::ALL.to_vec()), (32, vec![Module::K, Module::O, Module::Down])] {
@@ -103,23 +101,7 @@ fn unmerged_equals_merged() {
         let dir = temp_dir(&format!("merge{r}"));
         write_random_adapter(&dir, &loaded.model.config, r, &targets, r as u64);
         let a = load_adapter("rand", &dir, &loaded.model.config, OPTS).unwrap();
-        let forward = |model: &engine::model::LlamaModel, lora: Vec<AdapterRows<'_>>| {
-            let c = &model.config;
-            let nb = prompt.len().div_ceil(16);
-            let mut cache = KvCache::new(KvLayout { num_layers: c.num_layers, num_blocks: nb, block_size: 16, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim });
-            let table: Vec<u32> = (0..nb as u32).collect();
-            let pos: Vec<usize> = (0..prompt.len()).collect();
-            let batch = BatchInput {
-                token_ids: &prompt,
-                positions: &pos,
-                seqs: vec![SeqInput { query_start: 0, query_len: prompt.len(), context_len: prompt.len(), block_table: &table, window_block_table: None }],
-                slot_mapping: &pos,
-                window_slot_mapping: None,
-                logits_rows: &[prompt.len() - 1],
-                lora,
-            };
-            model.forward(&pool, &batch, &mut cache)
-        };
+        let forward = |model: &engine::model::LlamaModel, lora: Vec<AdapterRows<'_>>| model.forward_sequence(&pool, &prompt, &[prompt.len() - 1], lora);
         let unmerged = forward(&loaded.model, vec![AdapterRows { adapter: &a, segments: vec![(0, prompt.len())] }]);
         // Merge: W[o, i] += scale * sum_j B[o, j] A[j, i]  (B already in the base's row order).
         for (li, layer) in loaded.model.layers.iter_mut().enumerate() {
