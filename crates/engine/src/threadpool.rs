@@ -2,57 +2,75 @@
 //!
 //! One job at a time: the caller publishes a closure over `0..n_tasks`, every worker and
 //! the caller itself take task indices from one atomic counter until none is left. The
-//! split is dynamic, so a core taken away by another process slows the job in proportion
-//! (the other threads take its share) instead of stalling it behind a static partition.
-//! Workers spin briefly after a job, then sleep on a condition variable.
+//! split is dynamic and the caller waits only for tasks that were claimed, never for a
+//! worker to show up, so a core taken away by another process slows the job in
+//! proportion (the other threads take its share) instead of stalling every job until
+//! the descheduled worker runs again. Workers spin briefly after a job, then sleep on a
+//! condition variable.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 type Task<'a> = &'a (dyn Fn(usize) + Sync);
 
 struct Job {
-    /// Lifetime erased; valid while `pending > 0` (the caller waits for that).
+    /// Lifetime erased; only called after claiming a task of this job's generation, and
+    /// the caller does not return before every claimed task has completed.
     task: Task<'static>,
     n_tasks: usize,
+    generation: u32,
 }
 
 struct State {
     job: Option<Job>,
-    generation: u64,
     shutdown: bool,
 }
 
 struct Inner {
     state: Mutex<State>,
     wake: Condvar,
-    next: AtomicUsize,
-    /// Workers still inside the current job.
-    active: AtomicUsize,
-    done: Condvar,
-    done_lock: Mutex<()>,
+    /// `generation << 32 | next task index`: a task is claimed by a compare-and-swap that
+    /// also checks the generation, so a worker that wakes late never touches a finished job.
+    claim: AtomicU64,
+    /// Tasks of the current job that have completed.
+    completed: AtomicUsize,
 }
 
 pub struct ThreadPool {
     inner: Arc<Inner>,
     workers: Vec<JoinHandle<()>>,
     /// Serializes callers: one job at a time.
-    call: Mutex<()>,
+    call: Mutex<u32>,
 }
 
 const SPIN_ITERS: usize = 20_000;
+
+impl Inner {
+    /// Claims and runs tasks of `generation` until none is left.
+    fn work(&self, generation: u32, n_tasks: usize, task: Task<'_>) {
+        loop {
+            let cur = self.claim.load(Ordering::Acquire);
+            let (g, i) = ((cur >> 32) as u32, (cur & 0xffff_ffff) as usize);
+            if g != generation || i >= n_tasks {
+                return;
+            }
+            if self.claim.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                task(i);
+                self.completed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
 
 impl ThreadPool {
     /// A pool of `threads` threads in all (the caller counts as one).
     pub fn new(threads: usize) -> Self {
         let inner = Arc::new(Inner {
-            state: Mutex::new(State { job: None, generation: 0, shutdown: false }),
+            state: Mutex::new(State { job: None, shutdown: false }),
             wake: Condvar::new(),
-            next: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
-            done: Condvar::new(),
-            done_lock: Mutex::new(()),
+            claim: AtomicU64::new(0),
+            completed: AtomicUsize::new(0),
         });
         let workers = (1..threads.max(1))
             .map(|i| {
@@ -63,7 +81,7 @@ impl ThreadPool {
                     .expect("spawning a compute thread")
             })
             .collect();
-        ThreadPool { inner, workers, call: Mutex::new(()) }
+        ThreadPool { inner, workers, call: Mutex::new(0) }
     }
 
     pub fn threads(&self) -> usize {
@@ -71,6 +89,8 @@ impl ThreadPool {
     }
 
     /// Runs `f(i)` for every `i in 0..n_tasks` across the pool; returns when all are done.
+    /// The caller takes tasks too and never waits for a worker that has not started: a
+    /// worker without a core costs only the tasks it actually claimed.
     pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         if n_tasks == 0 {
             return;
@@ -79,58 +99,49 @@ impl ThreadPool {
             (0..n_tasks).for_each(f);
             return;
         }
-        let _guard = self.call.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(n_tasks < u32::MAX as usize, "too many tasks in one job");
+        let mut generation = self.call.lock().unwrap_or_else(|e| e.into_inner());
+        *generation = generation.wrapping_add(1);
+        let g = *generation;
         let inner = &*self.inner;
-        // SAFETY: the reference is only used by workers while `active > 0`, and this
-        // function does not return before `active` is back to 0 and the job is cleared.
+        // SAFETY: workers call `task` only after claiming a task of generation `g`, and this
+        // function returns only after every claimed task of `g` has completed; afterwards
+        // no claim of `g` can succeed (the index is exhausted or the generation moved on).
         let task: Task<'static> = unsafe { std::mem::transmute::<Task<'_>, Task<'static>>(f) };
-        inner.next.store(0, Ordering::SeqCst);
-        inner.active.store(self.workers.len(), Ordering::SeqCst);
+        inner.completed.store(0, Ordering::Release);
+        inner.claim.store((g as u64) << 32, Ordering::Release);
         {
             let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.job = Some(Job { task, n_tasks });
-            st.generation += 1;
+            st.job = Some(Job { task, n_tasks, generation: g });
         }
         inner.wake.notify_all();
-        loop {
-            let i = inner.next.fetch_add(1, Ordering::Relaxed);
-            if i >= n_tasks {
-                break;
-            }
-            f(i);
-        }
-        // Wait for the workers to leave the job.
-        let mut spins = 0;
-        while inner.active.load(Ordering::Acquire) != 0 {
+        inner.work(g, n_tasks, f);
+        let mut spins = 0usize;
+        while inner.completed.load(Ordering::Acquire) < n_tasks {
+            spins += 1;
             if spins < SPIN_ITERS {
-                spins += 1;
                 std::hint::spin_loop();
             } else {
-                let g = inner.done_lock.lock().unwrap_or_else(|e| e.into_inner());
-                if inner.active.load(Ordering::Acquire) != 0 {
-                    let _ = inner.done.wait_timeout(g, std::time::Duration::from_micros(200));
-                }
+                std::thread::yield_now();
             }
         }
-        inner.state.lock().unwrap_or_else(|e| e.into_inner()).job = None;
     }
 }
 
 fn worker(inner: Arc<Inner>) {
-    let mut seen = 0u64;
+    let mut seen = 0u32;
     loop {
-        // Spin a little for the next job, then sleep.
         let mut spins = 0;
-        let (task, n_tasks) = loop {
+        let (task, n_tasks, generation) = loop {
             {
                 let st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
                 if st.shutdown {
                     return;
                 }
-                if st.generation != seen {
-                    if let Some(job) = &st.job {
-                        seen = st.generation;
-                        break (job.task, job.n_tasks);
+                if let Some(job) = &st.job {
+                    if job.generation != seen {
+                        seen = job.generation;
+                        break (job.task, job.n_tasks, job.generation);
                     }
                 }
                 if spins >= SPIN_ITERS / 100 {
@@ -144,17 +155,7 @@ fn worker(inner: Arc<Inner>) {
                 std::hint::spin_loop();
             }
         };
-        loop {
-            let i = inner.next.fetch_add(1, Ordering::Relaxed);
-            if i >= n_tasks {
-                break;
-            }
-            task(i);
-        }
-        if inner.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _g = inner.done_lock.lock().unwrap_or_else(|e| e.into_inner());
-            inner.done.notify_all();
-        }
+        inner.work(generation, n_tasks, task);
     }
 }
 
