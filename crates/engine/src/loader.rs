@@ -147,6 +147,7 @@ fn load_gguf(path: &Path) -> Result<Loaded> {
             rope_local_theta: Some(10_000.0),
             attn_softcap: g.f(&p("attn_logit_softcapping")),
             final_softcap: g.f(&p("final_logit_softcapping")),
+            alibi_slopes: None,
         }
     } else {
         Variant::llama(num_layers, head_dim)
@@ -264,7 +265,11 @@ fn load_hf(dir: &Path) -> Result<Loaded> {
     let rope_theta = j["rope_theta"].as_f64().or_else(|| j["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10_000.0) as f32;
     let num_layers = get("num_hidden_layers")?;
     let head_dim = get("head_dim").unwrap_or(hidden / num_heads.max(1));
-    let variant = if gemma { gemma3_variant(&j, num_layers, hidden)? } else { Variant::llama(num_layers, head_dim) };
+    let mut variant = if gemma { gemma3_variant(&j, num_layers, hidden)? } else { Variant::llama(num_layers, head_dim) };
+    // ALiBi instead of RoPE, as Falcon/BLOOM-style configs say it.
+    if j["alibi"].as_bool().unwrap_or(false) || j["position_embedding_type"].as_str() == Some("alibi") {
+        variant.alibi_slopes = Some(crate::model::alibi_slopes(num_heads));
+    }
     let config = ModelConfig {
         name: dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         hidden_size: hidden,
@@ -379,6 +384,7 @@ fn gemma3_variant(j: &serde_json::Value, num_layers: usize, hidden: usize) -> Re
         rope_local_theta: Some(j["rope_local_base_freq"].as_f64().unwrap_or(10_000.0) as f32),
         attn_softcap: j["attn_logit_softcapping"].as_f64().map(|v| v as f32),
         final_softcap: j["final_logit_softcapping"].as_f64().map(|v| v as f32),
+        alibi_slopes: None,
     })
 }
 

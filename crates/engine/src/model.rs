@@ -88,6 +88,22 @@ pub struct Variant {
     pub rope_local_theta: Option<f32>,
     pub attn_softcap: Option<f32>,
     pub final_softcap: Option<f32>,
+    /// ALiBi position biases instead of RoPE (one slope per query head).
+    pub alibi_slopes: Option<Vec<f32>>,
+}
+
+/// The ALiBi slopes of `n` heads, as the ALiBi paper and Hugging Face compute them
+/// (a geometric series from the closest power of two, interleaved extras for the rest).
+pub fn alibi_slopes(n: usize) -> Vec<f32> {
+    let cp2 = 1usize << (usize::BITS - 1 - n.max(1).leading_zeros());
+    let base = 2f64.powf(-8.0 / cp2 as f64);
+    let mut s: Vec<f32> = (1..=cp2).map(|p| base.powi(p as i32) as f32).collect();
+    if cp2 < n {
+        let extra = 2f64.powf(-4.0 / cp2 as f64);
+        let rest = (n - cp2).min(cp2);
+        s.extend((0..rest).map(|i| extra.powi((2 * i + 1) as i32) as f32));
+    }
+    s
 }
 
 impl Variant {
@@ -102,6 +118,7 @@ impl Variant {
             rope_local_theta: None,
             attn_softcap: None,
             final_softcap: None,
+            alibi_slopes: None,
         }
     }
 }
@@ -321,7 +338,7 @@ impl LlamaModel {
                 scale: v.attn_scale,
                 sliding_window: if local { v.sliding_window } else { None },
                 softcap: v.attn_softcap,
-                alibi_slopes: None,
+                alibi_slopes: v.alibi_slopes.as_deref(),
             };
             ops::rms_norm(&x, &layer.input_layernorm, eps, v.norm_offset, &mut h);
             let a = &layer.self_attn;
@@ -344,9 +361,11 @@ impl LlamaModel {
                 ops::rms_norm_inplace(&mut k, w, eps, v.norm_offset);
             }
             let rope = if local { self.rope_local.as_ref().unwrap_or(&self.rope) } else { &self.rope };
-            for (i, &pos) in batch.positions.iter().enumerate() {
-                rope.apply(&mut q[i * qd..(i + 1) * qd], c.head_dim, pos);
-                rope.apply(&mut k[i * kvd..(i + 1) * kvd], c.head_dim, pos);
+            if v.alibi_slopes.is_none() {
+                for (i, &pos) in batch.positions.iter().enumerate() {
+                    rope.apply(&mut q[i * qd..(i + 1) * qd], c.head_dim, pos);
+                    rope.apply(&mut k[i * kvd..(i + 1) * kvd], c.head_dim, pos);
+                }
             }
             let in_window_pool = cache.windowed[li];
             let (slots, layer_seqs) = match (in_window_pool, batch.window_slot_mapping) {
@@ -452,6 +471,22 @@ mod tests {
             rope_interleaved: false,
             max_position_embeddings: 4096,
             variant: Variant::llama(1, 64),
+        }
+    }
+
+    #[test]
+    fn alibi_slopes_match_the_reference_formula() {
+        // Powers of two: 2^(-8i/n).
+        let s8 = alibi_slopes(8);
+        for (i, v) in s8.iter().enumerate() {
+            assert!((v - 2f32.powf(-(i as f32 + 1.0))).abs() < 1e-7);
+        }
+        // 12 heads: the 8-head series, then odd powers of 2^(-4/8) = 2^(-0.5).
+        let s12 = alibi_slopes(12);
+        assert_eq!(&s12[..8], &s8[..]);
+        let want: Vec<f32> = [1, 3, 5, 7].iter().map(|&p| 2f32.powf(-0.5 * p as f32)).collect();
+        for (a, b) in s12[8..].iter().zip(&want) {
+            assert!((a - b).abs() < 1e-7);
         }
     }
 

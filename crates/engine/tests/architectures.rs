@@ -15,6 +15,8 @@ use rand::{Rng, SeedableRng};
 #[derive(Clone, Copy, PartialEq)]
 enum Arch {
     Llama,
+    /// Llama layout with ALiBi biases instead of RoPE (`"alibi": true`).
+    LlamaAlibi,
     Qwen2,
     Gemma3,
 }
@@ -73,12 +75,15 @@ fn write_folder(t: &Tiny, dir: &Path, seed: u64) -> Weights {
         w.iter().map(|(k, (v, s))| (k.clone(), Tensor::from_vec(v.clone(), s.as_slice(), &Device::Cpu).unwrap())).collect();
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let mut cfg = serde_json::json!({
-        "model_type": match t.arch { Arch::Llama => "llama", Arch::Qwen2 => "qwen2", Arch::Gemma3 => "gemma3_text" },
+        "model_type": match t.arch { Arch::Llama | Arch::LlamaAlibi => "llama", Arch::Qwen2 => "qwen2", Arch::Gemma3 => "gemma3_text" },
         "hidden_size": h, "intermediate_size": t.inter, "num_hidden_layers": t.layers,
         "num_attention_heads": t.heads, "num_key_value_heads": t.kv_heads, "head_dim": t.head_dim,
         "vocab_size": t.vocab, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
         "tie_word_embeddings": true,
     });
+    if t.arch == Arch::LlamaAlibi {
+        cfg["alibi"] = true.into();
+    }
     if t.arch == Arch::Gemma3 {
         cfg["rope_theta"] = 1_000_000.0.into();
         cfg["rope_local_base_freq"] = 10_000.0.into();
@@ -150,8 +155,10 @@ fn reference(t: &Tiny, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
                 q = q.chunks(d).flat_map(|c| rms(c, get(w, &format!("{p}.self_attn.q_norm.weight")), off)).collect();
                 k = k.chunks(d).flat_map(|c| rms(c, get(w, &format!("{p}.self_attn.k_norm.weight")), off)).collect();
             }
-            rope(&mut q, d, pos, theta);
-            rope(&mut k, d, pos, theta);
+            if t.arch != Arch::LlamaAlibi {
+                rope(&mut q, d, pos, theta);
+                rope(&mut k, d, pos, theta);
+            }
             qs.push(q);
             ks.push(k);
             vs.push(v);
@@ -165,6 +172,11 @@ fn reference(t: &Tiny, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
                 let mut sc: Vec<f64> = (lo..=i)
                     .map(|j| {
                         let s = (0..d).map(|e| qs[i][hh * d + e] * ks[j][g * d + e]).sum::<f64>() * att_scale;
+                        if t.arch == Arch::LlamaAlibi {
+                            // 2^(-8 (h+1) / heads) for a power-of-two head count.
+                            let slope = 2f64.powf(-8.0 * (hh + 1) as f64 / t.heads as f64);
+                            return s + slope * (j as f64 - i as f64);
+                        }
                         if gemma { 20.0 * (s / 20.0).tanh() } else { s }
                     })
                     .collect();
@@ -278,6 +290,11 @@ fn generation_through_the_window_pool_equals_full_recompute(dir: &Path) {
 #[test]
 fn llama_gqa_folder_matches_the_reference() {
     check(Tiny { arch: Arch::Llama, hidden: 32, inter: 48, layers: 2, heads: 4, kv_heads: 2, head_dim: 8, vocab: 49152, window: 0 }, "llama");
+}
+
+#[test]
+fn alibi_folder_matches_the_reference() {
+    check(Tiny { arch: Arch::LlamaAlibi, hidden: 32, inter: 48, layers: 2, heads: 4, kv_heads: 2, head_dim: 8, vocab: 49152, window: 0 }, "alibi");
 }
 
 #[test]
