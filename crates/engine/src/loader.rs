@@ -88,6 +88,7 @@ impl Gguf {
             GgmlDType::Q8_0 => Weight::Q8_0(t.data()?.into_owned()),
             GgmlDType::Q4_0 => Weight::Q4_0(t.data()?.into_owned()),
             GgmlDType::Q4_1 => Weight::Q4_1(t.data()?.into_owned()),
+            GgmlDType::Q5_0 => Weight::Q5_0(t.data()?.into_owned()),
             _ => Weight::F32(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?),
         };
         Linear::new(weight, out, inp)

@@ -32,6 +32,9 @@ pub enum Weight {
     Q4_0(Vec<u8>),
     /// GGUF Q4_1: blocks of 32, `{d: f16, m: f16, qs: [u8; 16]}`, value `d * q + m`.
     Q4_1(Vec<u8>),
+    /// GGUF Q5_0: blocks of 32, `{d: f16, qh: [u8; 4], qs: [u8; 16]}`, value
+    /// `d * ((low nibble | high bit << 4) - 16)`.
+    Q5_0(Vec<u8>),
 }
 
 pub const QK: usize = 32;
@@ -43,6 +46,7 @@ impl Weight {
             Weight::Q8_0(_) => "q8_0",
             Weight::Q4_0(_) => "q4_0",
             Weight::Q4_1(_) => "q4_1",
+            Weight::Q5_0(_) => "q5_0",
         }
     }
 
@@ -53,13 +57,14 @@ impl Weight {
             Weight::Q8_0(_) => k / QK * 34,
             Weight::Q4_0(_) => k / QK * 18,
             Weight::Q4_1(_) => k / QK * 20,
+            Weight::Q5_0(_) => k / QK * 22,
         }
     }
 
     pub fn storage_bytes(&self) -> usize {
         match self {
             Weight::F32(v) => v.len() * 4,
-            Weight::Q8_0(v) | Weight::Q4_0(v) | Weight::Q4_1(v) => v.len(),
+            Weight::Q8_0(v) | Weight::Q4_0(v) | Weight::Q4_1(v) | Weight::Q5_0(v) => v.len(),
         }
     }
 
@@ -79,6 +84,10 @@ impl Weight {
             Weight::Q4_1(b) => {
                 let rb = self.row_bytes(k);
                 dequant_q4_1(&b[n0 * rb..(n0 + rows) * rb], out)
+            }
+            Weight::Q5_0(b) => {
+                let rb = self.row_bytes(k);
+                dequant_q5_0(&b[n0 * rb..(n0 + rows) * rb], out)
             }
         }
     }
@@ -119,6 +128,21 @@ fn dequant_q4_1(src: &[u8], out: &mut [f32]) {
             // Two roundings (mul, then add), as the reference dequantizer computes it.
             lo[j] = d * (q & 0x0f) as f32 + m;
             hi[j] = d * (q >> 4) as f32 + m;
+        }
+    }
+}
+
+fn dequant_q5_0(src: &[u8], out: &mut [f32]) {
+    for (blk, o) in src.chunks_exact(22).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, 0);
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let (lo, hi) = o.split_at_mut(QK / 2);
+        for j in 0..QK / 2 {
+            let q = blk[6 + j];
+            let h0 = ((qh >> j) & 1) << 4;
+            let h1 = ((qh >> (j + 16)) & 1) << 4;
+            lo[j] = d * (((q & 0x0f) as u32 | h0) as i32 - 16) as f32;
+            hi[j] = d * (((q >> 4) as u32 | h1) as i32 - 16) as f32;
         }
     }
 }
@@ -297,6 +321,10 @@ impl Kernel {
             (Kernel::Avx2, Weight::Q4_1(b)) => x86::gemm_avx2(a, &x86::Q41Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, Weight::Q8_0(b)) => x86::gemm_avx2(a, &x86::Q80Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512, Weight::Q5_0(b)) => x86::gemm_avx512(a, &x86::Q50Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, Weight::Q5_0(b)) => x86::gemm_avx2(a, &x86::Q50Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
             _ => return false,
         }
         true
@@ -330,6 +358,16 @@ impl Kernel {
                 (Kernel::Avx2, Weight::Q8_0(b)) => {
                     let b = &b[n0 * rb..(n0 + rows) * rb];
                     x86::dequant_avx2(&x86::Q80Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, Weight::Q5_0(b)) => {
+                    let b = &b[n0 * rb..(n0 + rows) * rb];
+                    x86::dequant_avx512(&x86::Q50Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, Weight::Q5_0(b)) => {
+                    let b = &b[n0 * rb..(n0 + rows) * rb];
+                    x86::dequant_avx2(&x86::Q50Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
                 }
                 _ => weight.dequant_rows(n0, k, out),
             }
@@ -526,6 +564,59 @@ mod x86 {
             let d = _mm256_set1_ps(half_to_f32(blk));
             let f = |o: usize| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + o) as *const __m128i))));
             [f(0), f(8), f(16), f(24)]
+        }
+    }
+
+    pub struct Q50Strip {
+        pub b: *const u8,
+        pub row_bytes: usize,
+    }
+
+    impl Strip for Q50Strip {
+        #[inline(always)]
+        unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
+            self.w512x2(c, p / 32 * 32)[(p / 16) % 2]
+        }
+        #[inline(always)]
+        unsafe fn w256(&self, c: usize, p: usize) -> __m256 {
+            self.w256x4(c, p / 32 * 32)[(p / 8) % 4]
+        }
+        unsafe fn scalar(&self, _c: usize, _p: usize) -> f32 {
+            unreachable!("quantized rows have no tail")
+        }
+        #[inline(always)]
+        unsafe fn w512x2(&self, c: usize, p: usize) -> [__m512; 2] {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 22);
+            let d = _mm512_set1_ps(half_to_f32(blk));
+            let qh = std::ptr::read_unaligned(blk.add(2) as *const u32);
+            let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
+            let mask = _mm_set1_epi8(0x0f);
+            let sixteen = _mm512_set1_epi32(16);
+            let f = |nib: __m128i, bits: u32| {
+                let q = _mm512_cvtepu8_epi32(nib);
+                let hi = _mm512_maskz_mov_epi32(bits as __mmask16, sixteen);
+                let v = _mm512_sub_epi32(_mm512_or_si512(q, hi), sixteen);
+                _mm512_mul_ps(d, _mm512_cvtepi32_ps(v))
+            };
+            [f(_mm_and_si128(qs, mask), qh & 0xffff), f(_mm_and_si128(_mm_srli_epi16(qs, 4), mask), qh >> 16)]
+        }
+        #[inline(always)]
+        unsafe fn w256x4(&self, c: usize, p: usize) -> [__m256; 4] {
+            let blk = self.b.add(c * self.row_bytes + p / 32 * 22);
+            let d = _mm256_set1_ps(half_to_f32(blk));
+            let qh = std::ptr::read_unaligned(blk.add(2) as *const u32);
+            let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
+            let mask = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(qs, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let f = |nib: __m128i, shift: u32| {
+                let q = _mm256_cvtepu8_epi32(nib);
+                let bits = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((qh >> shift) as i32), lanes), _mm256_set1_epi32(1));
+                let v = _mm256_sub_epi32(_mm256_or_si256(q, _mm256_slli_epi32(bits, 4)), _mm256_set1_epi32(16));
+                _mm256_mul_ps(d, _mm256_cvtepi32_ps(v))
+            };
+            [f(lo, 0), f(_mm_srli_si128(lo, 8), 8), f(hi, 16), f(_mm_srli_si128(hi, 8), 24)]
         }
     }
 
@@ -809,7 +900,7 @@ mod tests {
         let pool = ThreadPool::new(2);
         for &(k, n) in &[(576usize, 192usize), (1536, 70), (64, 49)] {
             let dense = rand_vec(&mut rng, n * k);
-            for weight in [Weight::Q4_1(quantize_q4_1(&dense)), Weight::Q8_0(quantize_q8_0(&dense))] {
+            for weight in [Weight::Q4_1(quantize_q4_1(&dense)), Weight::Q8_0(quantize_q8_0(&dense)), Weight::Q5_0(quantize_q5_0(&dense))] {
                 let lin = Linear::new(weight, n, k).unwrap();
                 let mut deq = vec![0f32; n * k];
                 lin.weight.dequant_rows(0, k, &mut deq);
@@ -834,6 +925,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn quantize_q5_0(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in w.chunks_exact(QK) {
+            let amax = blk.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+            let d = amax / -16.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q: Vec<u8> = blk.iter().map(|&v| ((v * id + 16.5) as i32).clamp(0, 31) as u8).collect();
+            let mut qh = 0u32;
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            for j in 0..QK / 2 {
+                qh |= ((q[j] as u32 >> 4) & 1) << j;
+                qh |= ((q[j + 16] as u32 >> 4) & 1) << (j + 16);
+            }
+            out.extend_from_slice(&qh.to_le_bytes());
+            out.extend((0..QK / 2).map(|j| (q[j] & 0x0f) | ((q[j + 16] & 0x0f) << 4)));
+        }
+        out
+    }
+
+    #[test]
+    fn q5_0_dequantizes_like_candle() {
+        use candle_core::quantized::GgmlDType;
+        use candle_core::Device;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let (n, k) = (3, 96);
+        let raw = quantize_q5_0(&rand_vec(&mut rng, n * k));
+        let qt = candle_core::quantized::QTensor::new(
+            candle_core::quantized::QStorage::from_data(std::borrow::Cow::Borrowed(&raw[..]), &Device::Cpu, GgmlDType::Q5_0).unwrap(),
+            (n, k),
+        )
+        .unwrap();
+        let want: Vec<f32> = qt.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let mut got = vec![0f32; n * k];
+        Weight::Q5_0(raw).dequant_rows(0, k, &mut got);
+        assert_eq!(got, want);
     }
 
     #[test]
