@@ -23,8 +23,19 @@ pub fn single_stream(h: &EngineHandle, seed_ids: &[u32], prompt_tokens: usize, d
     let prompt: Vec<u32> = seed_ids.iter().copied().cycle().take(prompt_tokens).collect();
     let params = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(decode_tokens) };
     let t0 = Instant::now();
-    let mut rx = h.submit(GenerateRequest { prompt_ids: prompt, params, adapter: None })?;
-    let (mut first, mut last, mut n) = (None, t0, 0usize);
+    let rx = h.submit(GenerateRequest { prompt_ids: prompt, params, adapter: None })?;
+    Ok(timed(rx, t0, prompt_tokens, |_| {}).0)
+}
+
+/// Follows one request to its end, timing its tokens from `t0` (when it was submitted);
+/// `on_event` sees every event. Returns the speeds and the finish reason. Blocking.
+pub fn timed(
+    mut rx: crate::RequestStream,
+    t0: Instant,
+    prompt_tokens: usize,
+    mut on_event: impl FnMut(&crate::TokenEvent),
+) -> (SpeedReport, Option<crate::FinishReason>) {
+    let (mut first, mut last, mut n, mut reason) = (None, t0, 0usize, None);
     while let Some(ev) = rx.blocking_recv() {
         if !ev.token_ids.is_empty() {
             let now = Instant::now();
@@ -32,21 +43,24 @@ pub fn single_stream(h: &EngineHandle, seed_ids: &[u32], prompt_tokens: usize, d
             last = now;
             n += ev.token_ids.len();
         }
-        if ev.finish.is_some() {
+        on_event(&ev);
+        if let Some(f) = &ev.finish {
+            reason = Some(f.reason);
             break;
         }
     }
     let first = first.unwrap_or(last);
     let ttft = (first - t0).as_secs_f64();
     let dec = (last - first).as_secs_f64();
-    Ok(SpeedReport {
+    let report = SpeedReport {
         prompt_tokens,
         decode_tokens: n,
         prompt_tps: prompt_tokens as f64 / ttft.max(1e-9),
         decode_tps: n.saturating_sub(1) as f64 / dec.max(1e-9),
         ttft_s: ttft,
         total_s: (last - t0).as_secs_f64(),
-    })
+    };
+    (report, reason)
 }
 
 /// Aggregate decode throughput of `streams` concurrent greedy requests (engine only, no HTTP).

@@ -262,13 +262,13 @@ impl EngineLoop {
             }
             Command::AbortAll => {
                 for id in self.sched.ids() {
-                    self.finish(id, FinishReason::Abort, None, String::new());
+                    self.abort(id);
                 }
                 true
             }
             Command::Shutdown => {
                 for id in self.sched.ids() {
-                    self.finish(id, FinishReason::Abort, None, String::new());
+                    self.abort(id);
                 }
                 self.publish_gauges();
                 false
@@ -280,7 +280,7 @@ impl EngineLoop {
         let gone: Vec<RequestId> = self.reqs.iter().filter(|(_, r)| r.tx.is_closed()).map(|(id, _)| *id).collect();
         for id in gone {
             tracing::debug!(request = %id, "receiver dropped; cancelling");
-            self.finish(id, FinishReason::Abort, None, String::new());
+            self.abort(id);
         }
     }
 
@@ -433,7 +433,7 @@ impl EngineLoop {
         match finish {
             None => {
                 if r.tx.send(ev).is_err() {
-                    self.finish(id, FinishReason::Abort, None, String::new());
+                    self.abort(id);
                 }
             }
             Some((reason, by)) => {
@@ -452,10 +452,10 @@ impl EngineLoop {
         }
     }
 
-    /// Ends a request with an event that carries only the finish (and `text`).
-    fn finish(&mut self, id: RequestId, reason: FinishReason, by: Option<String>, text: String) {
-        let ev = TokenEvent { text, token_ids: Vec::new(), logprobs: Vec::new(), finish: None };
-        self.finish_with(id, reason, by, ev);
+    /// Ends a request (cancelled, or at shutdown) with an event that carries only the finish.
+    fn abort(&mut self, id: RequestId) {
+        let ev = TokenEvent { text: String::new(), token_ids: Vec::new(), logprobs: Vec::new(), finish: None };
+        self.finish_with(id, FinishReason::Abort, None, ev);
     }
 
     fn finish_with(&mut self, id: RequestId, reason: FinishReason, stopped_by: Option<String>, mut ev: TokenEvent) {

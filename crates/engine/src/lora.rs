@@ -10,7 +10,6 @@
 //! A GGUF llama base stores Q and K rows permuted for interleaved RoPE; B's rows of
 //! `q_proj` and `k_proj` are permuted the same way at load.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -311,9 +310,6 @@ pub fn apply(pool: &ThreadPool, groups: &[AdapterRows<'_>], layer: usize, module
         }
     }
 }
-
-/// Configured adapters by name (the registry keeps them; this is the parsed `--lora`).
-pub type AdapterMap = HashMap<String, std::sync::Arc<LoraAdapter>>;
 
 #[cfg(test)]
 mod tests {

@@ -115,36 +115,21 @@ pub fn generate(args: GenerateArgs) -> Result<(), ConfigError> {
     }
     let params = SamplingParams { max_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
     let t0 = Instant::now();
-    let mut rx = h.submit(GenerateRequest { prompt_ids: ids.clone(), params, adapter: None }).map_err(|e| ConfigError(e.to_string()))?;
-    let (mut first, mut last, mut n) = (None, t0, 0usize);
+    let rx = h.submit(GenerateRequest { prompt_ids: ids.clone(), params, adapter: None }).map_err(|e| ConfigError(e.to_string()))?;
     let mut out = std::io::stdout().lock();
-    let mut reason = None;
-    while let Some(ev) = rx.blocking_recv() {
-        if !ev.token_ids.is_empty() {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = now;
-            n += ev.token_ids.len();
-        }
+    let (r, reason) = engine::bench::timed(rx, t0, ids.len(), |ev| {
         let _ = out.write_all(ev.text.as_bytes());
         let _ = out.flush();
-        if let Some(f) = ev.finish {
-            reason = Some(f.reason);
-            break;
-        }
-    }
+    });
     let _ = writeln!(out);
-    let first = first.unwrap_or(last);
-    let ttft = (first - t0).as_secs_f64();
-    let decode = (last - first).as_secs_f64();
     eprintln!(
         "prompt: {} tokens in {:.3} s ({:.1} tokens/s); decode: {} tokens in {:.3} s ({:.1} tokens/s); finish: {}",
-        ids.len(),
-        ttft,
-        ids.len() as f64 / ttft.max(1e-9),
-        n,
-        decode,
-        n.saturating_sub(1) as f64 / decode.max(1e-9),
+        r.prompt_tokens,
+        r.ttft_s,
+        r.prompt_tps,
+        r.decode_tokens,
+        r.total_s - r.ttft_s,
+        r.decode_tps,
         reason.map_or("none", |r| r.as_str()),
     );
     h.shutdown();

@@ -260,14 +260,9 @@ pub enum Kernel {
     Portable,
 }
 
-static FORCED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-
 impl Kernel {
-    /// The best path this CPU has (or the one forced by [`Kernel::force`]).
+    /// The best path this CPU has.
     pub fn detect() -> Kernel {
-        if let Some(k) = FORCED.get() {
-            return *k;
-        }
         Self::best()
     }
 
@@ -300,10 +295,6 @@ impl Kernel {
         v
     }
 
-    /// Pins the process to one path (benchmarks; must be called before the first matmul).
-    pub fn force(k: Kernel) -> bool {
-        FORCED.set(k).is_ok()
-    }
 
     /// `y[i, j] = dot(x[i, :], W[j, :])` with W rows read straight from GGUF Q4_1/Q8_0
     /// blocks; false when this path has no fused kernel for the format (then dequantize).
@@ -433,7 +424,8 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub trait Strip {
-        /// 16 (AVX-512) or 8 (AVX2) weights of column `c` starting at `p`.
+        /// 16 (AVX-512) or 8 (AVX2) weights of column `c` starting at `p` (quantized
+        /// strips take them from their block loaders below).
         unsafe fn w512(&self, c: usize, p: usize) -> __m512;
         unsafe fn w256(&self, c: usize, p: usize) -> __m256;
         /// One weight (only for the tail of an f32 strip; quantized K is a multiple of 32).
@@ -483,23 +475,11 @@ mod x86 {
     impl Strip for Q41Strip {
         #[inline(always)]
         unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
-            let blk = self.b.add(c * self.row_bytes + p / 32 * 20);
-            let (d, m) = (half_to_f32(blk), half_to_f32(blk.add(2)));
-            let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
-            let q = if p.is_multiple_of(32) { qs } else { _mm_srli_epi16(qs, 4) };
-            let q = _mm_and_si128(q, _mm_set1_epi8(0x0f));
-            let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
-            _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d), qf), _mm512_set1_ps(m))
+            self.w512x2(c, p / 32 * 32)[(p / 16) % 2]
         }
         #[inline(always)]
         unsafe fn w256(&self, c: usize, p: usize) -> __m256 {
-            let blk = self.b.add(c * self.row_bytes + p / 32 * 20);
-            let (d, m) = (half_to_f32(blk), half_to_f32(blk.add(2)));
-            let qs = _mm_loadl_epi64(blk.add(4 + p % 16) as *const __m128i);
-            let q = if p % 32 < 16 { qs } else { _mm_srli_epi16(qs, 4) };
-            let q = _mm_and_si128(q, _mm_set1_epi8(0x0f));
-            let qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-            _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(d), qf), _mm256_set1_ps(m))
+            self.w256x4(c, p / 32 * 32)[(p / 8) % 4]
         }
         unsafe fn scalar(&self, _c: usize, _p: usize) -> f32 {
             unreachable!("quantized rows have no tail")
@@ -535,17 +515,11 @@ mod x86 {
     impl Strip for Q80Strip {
         #[inline(always)]
         unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
-            let blk = self.b.add(c * self.row_bytes + p / 32 * 34);
-            let d = half_to_f32(blk);
-            let q = _mm_loadu_si128(blk.add(2 + p % 32) as *const __m128i);
-            _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)))
+            self.w512x2(c, p / 32 * 32)[(p / 16) % 2]
         }
         #[inline(always)]
         unsafe fn w256(&self, c: usize, p: usize) -> __m256 {
-            let blk = self.b.add(c * self.row_bytes + p / 32 * 34);
-            let d = half_to_f32(blk);
-            let q = _mm_loadl_epi64(blk.add(2 + p % 32) as *const __m128i);
-            _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)))
+            self.w256x4(c, p / 32 * 32)[(p / 8) % 4]
         }
         unsafe fn scalar(&self, _c: usize, _p: usize) -> f32 {
             unreachable!("quantized rows have no tail")
