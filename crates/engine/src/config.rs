@@ -25,6 +25,8 @@ pub struct EngineConfig {
     pub max_queued_requests: usize,
     /// Most distinct LoRA adapters in one step.
     pub max_loras: usize,
+    /// Weight format the linear layers are converted to at load (`--quantize`).
+    pub quantize: Quantize,
     /// Gets every step's statistics (metrics).
     pub observer: Option<Arc<dyn StepObserver>>,
 }
@@ -41,6 +43,7 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             max_queued_requests: 1024,
             max_loras: 8,
+            quantize: Quantize::None,
             observer: None,
         }
     }
@@ -58,6 +61,42 @@ impl std::fmt::Debug for EngineConfig {
             .field("threads", &self.threads)
             .field("max_queued_requests", &self.max_queued_requests)
             .field("max_loras", &self.max_loras)
+            .field("quantize", &self.quantize)
             .finish()
+    }
+}
+
+/// What the linear layers' weights become at load. The embedding table keeps its
+/// checkpoint format (it is gathered a row at a time, not multiplied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantize {
+    /// As in the checkpoint (GGUF blocks read by the kernels, f32 otherwise).
+    #[default]
+    None,
+    /// Symmetric INT8 per output channel; activations INT8 per token.
+    Int8,
+    /// FP8 E4M3 with a scale per output channel; f32 activations.
+    Fp8,
+}
+
+impl Quantize {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Quantize::None => "none",
+            Quantize::Int8 => "int8",
+            Quantize::Fp8 => "fp8",
+        }
+    }
+}
+
+impl std::str::FromStr for Quantize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" => Ok(Quantize::None),
+            "int8" => Ok(Quantize::Int8),
+            "fp8" => Ok(Quantize::Fp8),
+            _ => Err(format!("unknown quantization {s:?} (expected none, int8 or fp8)")),
+        }
     }
 }

@@ -34,7 +34,8 @@ pub struct Engine;
 impl Engine {
     /// Loads the model (blocking) and starts the engine thread.
     pub fn start(cfg: EngineConfig) -> Result<EngineHandle> {
-        let loaded = loader::load(&cfg.model)?;
+        let mut loaded = loader::load(&cfg.model)?;
+        loaded.model.quantize(cfg.quantize);
         Self::from_loaded(cfg, loaded)
     }
 

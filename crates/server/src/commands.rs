@@ -24,6 +24,9 @@ pub struct OfflineEngineArgs {
     /// Most tokens in one engine step (prefill chunk size for one stream).
     #[arg(long, env = "TESSERA_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
     pub max_num_batched_tokens: usize,
+    /// Weight conversion at load: none, int8 or fp8 (as for `serve`).
+    #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
+    pub quantize: engine::Quantize,
 }
 
 impl OfflineEngineArgs {
@@ -42,6 +45,7 @@ impl OfflineEngineArgs {
             threads: self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             kv_cache_bytes: self.kv_cache_bytes,
             max_num_batched_tokens: self.max_num_batched_tokens.max(1),
+            quantize: self.quantize,
             ..EngineConfig::default()
         };
         Engine::start(cfg).map_err(|e| ConfigError(e.to_string()))
@@ -169,6 +173,7 @@ pub fn bench(args: BenchArgs) -> Result<(), ConfigError> {
         let line = serde_json::json!({
             "model": h.info().name,
             "threads": args.engine.threads,
+            "quantize": args.engine.quantize.as_str(),
             "prompt_tokens": p,
             "decode_tokens": args.decode_tokens,
             "repeat": runs.len(),

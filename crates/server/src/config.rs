@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// Compute threads of the engine (default: all cores).
     #[arg(long, env = "TESSERA_THREADS")]
     pub threads: Option<usize>,
+    /// Convert the linear layers' weights at load: none (keep the checkpoint's format),
+    /// int8 (per-channel INT8 weights, per-token INT8 activations) or fp8 (E4M3 weights
+    /// with per-channel scales).
+    #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
+    pub quantize: engine::Quantize,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before aborting them.
     #[arg(long, env = "TESSERA_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
@@ -168,6 +173,7 @@ impl ServeArgs {
             threads,
             max_queued_requests: self.max_queued_requests,
             max_loras: self.max_loras,
+            quantize: self.quantize,
             observer: None,
         };
         let lora_root = self

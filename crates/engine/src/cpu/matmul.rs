@@ -20,6 +20,7 @@ use std::cell::RefCell;
 
 use half::f16;
 
+use super::quant::{F8Weight, I8Weight};
 use crate::threadpool::ThreadPool;
 
 /// A weight matrix `[N, K]`, row-major, in one of the formats the kernel reads directly.
@@ -35,6 +36,11 @@ pub enum Weight {
     /// GGUF Q5_0: blocks of 32, `{d: f16, qh: [u8; 4], qs: [u8; 16]}`, value
     /// `d * ((low nibble | high bit << 4) - 16)`.
     Q5_0(Vec<u8>),
+    /// Symmetric INT8 per output channel (`--quantize int8`), multiplied with INT8
+    /// activations.
+    I8(I8Weight),
+    /// OCP FP8 E4M3 with a scale per output channel (`--quantize fp8`).
+    F8(F8Weight),
 }
 
 pub const QK: usize = 32;
@@ -47,6 +53,8 @@ impl Weight {
             Weight::Q4_0(_) => "q4_0",
             Weight::Q4_1(_) => "q4_1",
             Weight::Q5_0(_) => "q5_0",
+            Weight::I8(_) => "int8",
+            Weight::F8(_) => "fp8",
         }
     }
 
@@ -58,6 +66,8 @@ impl Weight {
             Weight::Q4_0(_) => k / QK * 18,
             Weight::Q4_1(_) => k / QK * 20,
             Weight::Q5_0(_) => k / QK * 22,
+            Weight::I8(w) => w.kp + 4,
+            Weight::F8(_) => k + 4,
         }
     }
 
@@ -65,6 +75,8 @@ impl Weight {
         match self {
             Weight::F32(v) => v.len() * 4,
             Weight::Q8_0(v) | Weight::Q4_0(v) | Weight::Q4_1(v) | Weight::Q5_0(v) => v.len(),
+            Weight::I8(w) => w.q.len() + w.scale.len() * 4,
+            Weight::F8(w) => w.q.len() + w.scale.len() * 4,
         }
     }
 
@@ -89,6 +101,8 @@ impl Weight {
                 let rb = self.row_bytes(k);
                 dequant_q5_0(&b[n0 * rb..(n0 + rows) * rb], out)
             }
+            Weight::I8(w) => w.dequant_rows(n0, k, out),
+            Weight::F8(w) => w.dequant_rows(n0, k, out),
         }
     }
 }
@@ -159,6 +173,7 @@ impl Linear {
     pub fn new(weight: Weight, out_features: usize, in_features: usize) -> crate::Result<Self> {
         let expect = match &weight {
             Weight::F32(v) => v.len() * 4,
+            Weight::I8(_) | Weight::F8(_) => weight.row_bytes(in_features) * out_features,
             _ => {
                 if !in_features.is_multiple_of(QK) {
                     return Err(crate::EngineError::Load(format!(
@@ -178,6 +193,24 @@ impl Linear {
             )));
         }
         Ok(Linear { weight, out_features, in_features })
+    }
+
+    /// This layer with its weights converted to `q` (from whatever format they are in,
+    /// dequantized first); `Quantize::None` is a copy.
+    pub fn quantized(&self, q: crate::config::Quantize) -> Linear {
+        use crate::config::Quantize;
+        let (n, k) = (self.out_features, self.in_features);
+        let dense = || {
+            let mut w = vec![0f32; n * k];
+            self.weight.dequant_rows(0, k, &mut w);
+            w
+        };
+        let weight = match q {
+            Quantize::None => self.weight.clone(),
+            Quantize::Int8 => Weight::I8(I8Weight::quantize(&dense(), n, k)),
+            Quantize::Fp8 => Weight::F8(F8Weight::quantize(&dense(), n, k)),
+        };
+        Linear { weight, out_features: n, in_features: k }
     }
 
     /// `y[m, N] = x[m, K] · Wᵀ`.
@@ -211,6 +244,9 @@ pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Lin
     assert_eq!(y.len(), m * n, "matmul: y is not [{m}, {n}]");
     if m == 0 {
         return;
+    }
+    if let Weight::I8(w) = &lin.weight {
+        return super::quant::matmul_i8(kern, pool, x, k, w, n, y);
     }
     let nc = if m <= 16 { 16 } else { 64 };
     let tasks = n.div_ceil(nc);
@@ -316,6 +352,10 @@ impl Kernel {
             (Kernel::Avx512, Weight::Q5_0(b)) => x86::gemm_avx512(a, &x86::Q50Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx2, Weight::Q5_0(b)) => x86::gemm_avx2(a, &x86::Q50Strip { b: b.as_ptr().add(n0 * rb), row_bytes: rb }, n),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx512, Weight::F8(w)) => x86::gemm_avx512(a, &x86::F8Strip::new(w, n0, a.k), n),
+            #[cfg(target_arch = "x86_64")]
+            (Kernel::Avx2, Weight::F8(w)) => x86::gemm_avx2(a, &x86::F8Strip::new(w, n0, a.k), n),
             _ => return false,
         }
         true
@@ -360,6 +400,16 @@ impl Kernel {
                     let b = &b[n0 * rb..(n0 + rows) * rb];
                     x86::dequant_avx2(&x86::Q50Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
                 }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, Weight::F8(w)) if k.is_multiple_of(32) => {
+                    assert!(w.q.len() >= (n0 + rows) * k);
+                    x86::dequant_avx512(&x86::F8Strip::new(w, n0, k), rows, k, out.as_mut_ptr())
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, Weight::F8(w)) if k.is_multiple_of(32) => {
+                    assert!(w.q.len() >= (n0 + rows) * k);
+                    x86::dequant_avx2(&x86::F8Strip::new(w, n0, k), rows, k, out.as_mut_ptr())
+                }
                 _ => weight.dequant_rows(n0, k, out),
             }
         }
@@ -379,39 +429,6 @@ impl Kernel {
             Kernel::Portable => portable::gemm(a, w, n),
         }
     }
-}
-
-/// Runs `tile::<MR, NR>` over the whole m x n output, with smaller tiles at the edges.
-/// `w` is a strip whose column `j` is output column `j`.
-macro_rules! tiled_driver {
-    ($tile:ident, $mr:expr, $nr:expr, $x:ident, $m:ident, $k:ident, $w:ident, $n:ident, $y:ident, $ldy:ident) => {{
-        let mut i = 0;
-        while i < $m {
-            let mr = ($m - i).min($mr);
-            let mut j = 0;
-            while j < $n {
-                let nr = ($n - j).min($nr);
-                let (xp, yp) = ($x.add(i * $k), $y.add(i * $ldy + j));
-                match (mr, nr) {
-                    ($mr, $nr) => $tile::<$mr, $nr, _>(xp, $k, $w, j, yp, $ldy),
-                    (_, $nr) => match mr {
-                        1 => $tile::<1, $nr, _>(xp, $k, $w, j, yp, $ldy),
-                        2 => $tile::<2, $nr, _>(xp, $k, $w, j, yp, $ldy),
-                        _ => $tile::<3, $nr, _>(xp, $k, $w, j, yp, $ldy),
-                    },
-                    _ => {
-                        for r in 0..mr {
-                            for c in 0..nr {
-                                $tile::<1, 1, _>(xp.add(r * $k), $k, $w, j + c, yp.add(r * $ldy + c), $ldy);
-                            }
-                        }
-                    }
-                }
-                j += nr;
-            }
-            i += mr;
-        }
-    }};
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -538,6 +555,48 @@ mod x86 {
             let d = _mm256_set1_ps(half_to_f32(blk));
             let f = |o: usize| _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + o) as *const __m128i))));
             [f(0), f(8), f(16), f(24)]
+        }
+    }
+
+    /// FP8 E4M3 rows of `k` codes and their scales. A code widens to f16 bits exactly
+    /// (`(b & 0x7f) << 7 | sign << 15` is the value · 2^-8, subnormals included), F16C makes
+    /// it f32, and the row scale · 2^8 undoes the shift: the same bits as the table.
+    pub struct F8Strip {
+        pub b: *const u8,
+        pub s: *const f32,
+        pub k: usize,
+    }
+
+    impl F8Strip {
+        pub fn new(w: &super::F8Weight, n0: usize, k: usize) -> F8Strip {
+            F8Strip { b: w.q[n0 * k..].as_ptr(), s: w.scale[n0..].as_ptr(), k }
+        }
+
+        #[inline(always)]
+        unsafe fn halves(h: __m128i) -> __m128i {
+            let mag = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7f)), 7);
+            let sign = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8);
+            _mm_or_si128(mag, sign)
+        }
+    }
+
+    impl Strip for F8Strip {
+        #[inline(always)]
+        unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
+            let h = _mm256_cvtepu8_epi16(_mm_loadu_si128(self.b.add(c * self.k + p) as *const __m128i));
+            let lo = Self::halves(_mm256_castsi256_si128(h));
+            let hi = Self::halves(_mm256_extracti128_si256(h, 1));
+            let f = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+            _mm512_mul_ps(f, _mm512_set1_ps(*self.s.add(c) * 256.0))
+        }
+        #[inline(always)]
+        unsafe fn w256(&self, c: usize, p: usize) -> __m256 {
+            let h = _mm_cvtepu8_epi16(_mm_loadl_epi64(self.b.add(c * self.k + p) as *const __m128i));
+            _mm256_mul_ps(_mm256_cvtph_ps(Self::halves(h)), _mm256_set1_ps(*self.s.add(c) * 256.0))
+        }
+        #[inline(always)]
+        unsafe fn scalar(&self, c: usize, p: usize) -> f32 {
+            super::super::quant::e4m3_table()[*self.b.add(c * self.k + p) as usize] * *self.s.add(c)
         }
     }
 
@@ -874,7 +933,12 @@ mod tests {
         let pool = ThreadPool::new(2);
         for &(k, n) in &[(576usize, 192usize), (1536, 70), (64, 49)] {
             let dense = rand_vec(&mut rng, n * k);
-            for weight in [Weight::Q4_1(quantize_q4_1(&dense)), Weight::Q8_0(quantize_q8_0(&dense)), Weight::Q5_0(quantize_q5_0(&dense))] {
+            for weight in [
+                Weight::Q4_1(quantize_q4_1(&dense)),
+                Weight::Q8_0(quantize_q8_0(&dense)),
+                Weight::Q5_0(quantize_q5_0(&dense)),
+                Weight::F8(F8Weight::quantize(&dense, n, k)),
+            ] {
                 let lin = Linear::new(weight, n, k).unwrap();
                 let mut deq = vec![0f32; n * k];
                 lin.weight.dequant_rows(0, k, &mut deq);
@@ -896,6 +960,43 @@ mod tests {
                     for (a, b) in big.iter().zip(&r) {
                         assert!((a - b).abs() <= 1e-3, "{kern:?}: {a} vs {b}");
                     }
+                }
+            }
+        }
+    }
+
+    /// FP8 and INT8 layers on the odd shapes, every path this CPU has: FP8
+    /// against the f64 product of its dequantized weights; INT8 rows must not depend on
+    /// the batch they are in, and stay near the float product.
+    #[test]
+    fn fp8_and_int8_layers_on_odd_shapes_every_path() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        let pool = ThreadPool::new(2);
+        for &(m, k, n) in &[(1usize, 576usize, 49152usize), (3, 576, 1536), (17, 1536, 576), (128, 576, 96), (2, 13, 9), (5, 33, 40)] {
+            let dense = rand_vec(&mut rng, n * k);
+            let x = rand_vec(&mut rng, m * k);
+            let f8 = Linear::new(Weight::F8(F8Weight::quantize(&dense, n, k)), n, k).unwrap();
+            let mut deq = vec![0f32; n * k];
+            f8.weight.dequant_rows(0, k, &mut deq);
+            let want = reference(&x, m, k, &deq, n);
+            for kern in Kernel::available() {
+                let mut y = vec![f32::NAN; m * n];
+                matmul_on(kern, &pool, &x, m, &f8, &mut y);
+                for (a, b) in y.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-4 * (k as f32).sqrt(), "fp8 {kern:?} m={m} k={k} n={n}: {a} vs {b}");
+                }
+            }
+            let i8 = Linear::new(Weight::I8(I8Weight::quantize(&dense, n, k)), n, k).unwrap();
+            let exact = reference(&x, m, k, &dense, n);
+            for kern in Kernel::available() {
+                let mut y = vec![f32::NAN; m * n];
+                matmul_on(kern, &pool, &x, m, &i8, &mut y);
+                let last = &x[(m - 1) * k..];
+                let mut one = vec![f32::NAN; n];
+                matmul_on(kern, &pool, last, 1, &i8, &mut one);
+                assert_eq!(&y[(m - 1) * n..], &one[..], "int8 {kern:?} m={m}: last row alone");
+                for (a, b) in y.iter().zip(&exact) {
+                    assert!((a - b).abs() <= 0.02 * (k as f32).sqrt(), "int8 {kern:?} m={m} k={k} n={n}: {a} vs {b}");
                 }
             }
         }
