@@ -26,7 +26,7 @@ log() { printf 'tessera-entrypoint: %s\n' "$*" >&2; }
 # tests/deploy checks this list against `tessera serve --help`.
 known=(
   MODEL HOST PORT SERVED_MODEL_NAME MAX_QUEUED_REQUESTS MAX_NUM_SEQS MAX_NUM_BATCHED_TOKENS
-  MAX_MODEL_LEN BLOCK_SIZE KV_CACHE_BYTES THREADS SHUTDOWN_TIMEOUT MAX_BODY_BYTES MAX_LORAS
+  MAX_MODEL_LEN BLOCK_SIZE KV_CACHE_BYTES THREADS QUANTIZE SHUTDOWN_TIMEOUT MAX_BODY_BYTES MAX_LORAS
   LORA MAX_LORA_RANK MAX_CPU_LORAS LORA_ROOT LOG_FORMAT
 )
 # Read by tessera itself from the environment, never passed as a flag.

@@ -78,6 +78,7 @@ impl Engine {
             window_tokens: plan.window.unwrap_or(0),
             block_size: cfg.block_size,
             num_blocks: num_blocks + plan.window_blocks,
+            weight_bytes: model.weight_bytes(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());

@@ -42,6 +42,9 @@ pub struct ModelInfo {
     pub window_tokens: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+    /// Bytes of weights one decode step reads (linear layers and output head, in their
+    /// loaded format): the roofline of decode against memory bandwidth.
+    pub weight_bytes: usize,
 }
 
 /// Gauges and counters the engine keeps up to date after every step.

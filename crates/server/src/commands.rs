@@ -180,6 +180,9 @@ pub fn bench(args: BenchArgs) -> Result<(), ConfigError> {
             "prompt_tokens_per_s": mean(&|r| r.prompt_tps),
             "decode_tokens_per_s": mean(&|r| r.decode_tps),
             "ttft_s": mean(&|r| r.ttft_s),
+            // The decode roofline: weights read per step, and at what rate they were read.
+            "weight_bytes_per_token": h.info().weight_bytes,
+            "weight_read_gb_per_s": h.info().weight_bytes as f64 * mean(&|r| r.decode_tps) / 1e9,
         });
         println!("{line}");
     }

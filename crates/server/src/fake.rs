@@ -106,6 +106,7 @@ impl FakeBackend {
             window_tokens: 0,
             block_size: 16,
             num_blocks: 256,
+            weight_bytes: 0,
         };
         Arc::new(FakeBackend {
             info,
