@@ -447,6 +447,11 @@ mod x86 {
         unsafe fn w256(&self, c: usize, p: usize) -> __m256;
         /// One weight (only for the tail of an f32 strip; quantized K is a multiple of 32).
         unsafe fn scalar(&self, c: usize, p: usize) -> f32;
+        /// Hints the cache line that holds column `c`'s weights at `p`. Quantized rows are
+        /// short (K = 576 is 360 bytes of Q4_1) and end before the hardware prefetcher
+        /// ramps up, so the tiles fetch the next tile's rows as they go.
+        #[inline(always)]
+        unsafe fn prefetch(&self, _c: usize, _p: usize) {}
         /// The 32 weights of column `c` from `p` (a multiple of 32) as two 16-lane halves;
         /// quantized strips decode the block header once for both.
         #[inline(always)]
@@ -491,6 +496,10 @@ mod x86 {
 
     impl Strip for Q41Strip {
         #[inline(always)]
+        unsafe fn prefetch(&self, c: usize, p: usize) {
+            _mm_prefetch::<_MM_HINT_T0>(self.b.wrapping_add(c * self.row_bytes + p / 32 * 20) as *const i8);
+        }
+        #[inline(always)]
         unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
             self.w512x2(c, p / 32 * 32)[(p / 16) % 2]
         }
@@ -530,6 +539,10 @@ mod x86 {
     }
 
     impl Strip for Q80Strip {
+        #[inline(always)]
+        unsafe fn prefetch(&self, c: usize, p: usize) {
+            _mm_prefetch::<_MM_HINT_T0>(self.b.wrapping_add(c * self.row_bytes + p / 32 * 34) as *const i8);
+        }
         #[inline(always)]
         unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
             self.w512x2(c, p / 32 * 32)[(p / 16) % 2]
@@ -582,6 +595,10 @@ mod x86 {
 
     impl Strip for F8Strip {
         #[inline(always)]
+        unsafe fn prefetch(&self, c: usize, p: usize) {
+            _mm_prefetch::<_MM_HINT_T0>(self.b.wrapping_add(c * self.k + p) as *const i8);
+        }
+        #[inline(always)]
         unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
             let h = _mm256_cvtepu8_epi16(_mm_loadu_si128(self.b.add(c * self.k + p) as *const __m128i));
             let lo = Self::halves(_mm256_castsi256_si128(h));
@@ -606,6 +623,10 @@ mod x86 {
     }
 
     impl Strip for Q50Strip {
+        #[inline(always)]
+        unsafe fn prefetch(&self, c: usize, p: usize) {
+            _mm_prefetch::<_MM_HINT_T0>(self.b.wrapping_add(c * self.row_bytes + p / 32 * 22) as *const i8);
+        }
         #[inline(always)]
         unsafe fn w512(&self, c: usize, p: usize) -> __m512 {
             self.w512x2(c, p / 32 * 32)[(p / 16) % 2]
@@ -663,6 +684,7 @@ mod x86 {
         while p + 32 <= kv {
             let mut wv = [[_mm512_setzero_ps(); 2]; NR];
             for c in 0..NR {
+                w.prefetch(c0 + NR + c, p);
                 wv[c] = w.w512x2(c0 + c, p);
             }
             for r in 0..MR {
@@ -747,6 +769,7 @@ mod x86 {
         while p + 32 <= kv {
             let mut wv = [[_mm256_setzero_ps(); 4]; NR];
             for c in 0..NR {
+                w.prefetch(c0 + NR + c, p);
                 wv[c] = w.w256x4(c0 + c, p);
             }
             for r in 0..MR {

@@ -405,6 +405,8 @@ mod x86 {
 
     use super::{lane_sum, Ctx, I8Strip, TileSrc};
 
+    const PF_TILES: usize = 1;
+
     /// One MR x NR block over the full (padded) K, a group of 32 codes a step: `|x|`
     /// (unsigned) times `sign(x) · w` (signed) in `vpmaddubsw` (pairs stay within i16:
     /// 2 · 127 · 127), `vpmaddwd` with ones widens to eight i32 lanes, and one FMA adds
@@ -419,8 +421,15 @@ mod x86 {
         for r in 0..MR {
             sxr[r] = w.sx_row(x.add(r * kp), ctx.xq0);
         }
+        // The rows of this tile and of the next ones are contiguous; short rows (K = 576 is
+        // 19 groups) end before the hardware prefetcher ramps up, so fetch the rows
+        // `PF_TILES` tile(s) ahead, a group's worth of bytes per group.
+        let pf = w.q.wrapping_add((c0 + PF_TILES * NR) * kp);
         for g in 0..kp / 32 {
             let p = g * 32;
+            for l in 0..(NR * 32).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * NR * 32 + l * 64));
+            }
             let mut wv = [_mm256_setzero_si256(); NR];
             for c in 0..NR {
                 wv[c] = _mm256_loadu_si256(w.q.add((c0 + c) * kp + p) as *const __m256i);
