@@ -275,15 +275,11 @@ pub struct BatchInput<'a> {
     pub lora: Vec<AdapterRows<'a>>,
 }
 
-struct Ptr(*mut f32);
-// SAFETY: tasks below write disjoint rows.
-unsafe impl Sync for Ptr {}
-
 /// Runs `f(row)` over the rows of a `[rows, width]` buffer in parallel chunks.
 fn par_rows(pool: &ThreadPool, buf: &mut [f32], width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
     let rows = buf.len() / width.max(1);
     const CHUNK: usize = 8;
-    let p = Ptr(buf.as_mut_ptr());
+    let p = crate::cpu::SyncPtr(buf.as_mut_ptr());
     pool.run(rows.div_ceil(CHUNK), &|c| {
         let _ = &p;
         for r in c * CHUNK..((c + 1) * CHUNK).min(rows) {

@@ -46,10 +46,6 @@ pub struct AttnParams<'a> {
     pub alibi_slopes: Option<&'a [f32]>,
 }
 
-struct OutPtr(*mut f32);
-// SAFETY: work items write disjoint (token, head) rows of the output.
-unsafe impl Sync for OutPtr {}
-
 /// `out[t, h, :] = softmax(q[t, h] · K) V` over each sequence's cached keys.
 pub fn paged_attention(
     pool: &ThreadPool,
@@ -68,7 +64,7 @@ pub fn paged_attention(
             }
         }
     }
-    let o = OutPtr(out.as_mut_ptr());
+    let o = super::SyncPtr(out.as_mut_ptr());
     assert_eq!(out.len(), q.len());
     pool.run(items.len(), &|i| {
         let (s, g, qb) = items[i];

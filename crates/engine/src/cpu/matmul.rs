@@ -223,11 +223,6 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of `y` (see `matmul`).
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
 /// Up to this many rows, quantized weights are expanded in registers (read once from
 /// memory); above it, a strip is dequantized once and reused for every row.
 const FUSED_MAX_M: usize = 4;
@@ -250,7 +245,7 @@ pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Lin
     }
     let nc = if m <= 16 { 16 } else { 64 };
     let tasks = n.div_ceil(nc);
-    let yp = SendPtr(y.as_mut_ptr());
+    let yp = super::SyncPtr(y.as_mut_ptr());
     pool.run(tasks, &|t| {
         let n0 = t * nc;
         let rows = nc.min(n - n0);
@@ -299,10 +294,6 @@ pub enum Kernel {
 impl Kernel {
     /// The best path this CPU has.
     pub fn detect() -> Kernel {
-        Self::best()
-    }
-
-    pub fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c") {

@@ -33,6 +33,13 @@ macro_rules! tiled_driver {
     }};
 }
 
+/// An output buffer shared with the pool's tasks, each of which writes a part no other
+/// task writes (the caller states which, at the `unsafe` block that writes).
+pub(crate) struct SyncPtr(pub *mut f32);
+// SAFETY: only the raw pointer crosses threads; callers write disjoint parts through it.
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
+
 pub mod attention;
 pub mod matmul;
 pub mod ops;

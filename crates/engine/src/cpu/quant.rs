@@ -1,19 +1,19 @@
 //! Weights quantized at load (`--quantize int8|fp8`) and the INT8 GEMM.
 //!
 //! - INT8: symmetric per output channel (`w ≈ s_n · q`, q in -127..=127), rows padded with
-//!   zeros to a multiple of 32. Activations are quantized per token on the fly the same way,
-//!   the dot products run in exact integer arithmetic, and each output is
-//!   `(acc as f32 · s_w[n]) · s_x[m]`. Integer sums do not depend on their order, so every
-//!   instruction-set path gives the same bits, and a row's output never depends on the
-//!   batch it is in.
+//!   zeros to a multiple of 32. Activations are quantized per token on the fly, in groups
+//!   of 32 with a scale each, their outliers kept in f32 ([`QuantActs`]); each group's dot
+//!   product is exact integer arithmetic, and every instruction-set path sums the groups in
+//!   the same order ([`gemm_i8`]), so they give the same bits, and a row's output never
+//!   depends on the batch it is in.
 //! - FP8: OCP E4M3 codes with one f32 scale per output channel (`w ≈ s_n · e4m3(q)`,
 //!   amax mapped to 448), the layout cuBLASLt takes. On CPU the codes are widened in
 //!   registers (E4M3 → f16 bits → F16C) and multiplied in f32 with f32 activations.
 //!
 //! ```text
-//!   x[m, K] f32 ──per token──▶ xq[m, Kp] i8, s_x[m]
+//!   x[m, K] f32 ──per token──▶ xq[m, Kp] i8, s_x[m, Kp/32], outliers (m, col, f32)
 //!   W[N, K]     ──at load───▶ wq[N, Kp] i8, s_w[N]
-//!   y[m, n] = (Σ_p xq[m, p] · wq[n, p]) · s_w[n] · s_x[m]
+//!   y[m, n] = s_w[n] · Σ_g s_x[m, g] · (xq[m, g] · wq[n, g])  +  Σ_outliers x · s_w[n] · wq[n, col]
 //! ```
 
 use std::cell::RefCell;
@@ -166,11 +166,6 @@ thread_local! {
     static ACTS: RefCell<QuantActs> = const { RefCell::new(QuantActs::new()) };
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of `y` (see `gemm_i8`).
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
 /// The INT8 instruction-set path for an f32 [`Kernel`] choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum I8Kernel {
@@ -291,20 +286,20 @@ pub fn gemm_i8(kern: I8Kernel, pool: &ThreadPool, a: &QuantActs, w: &I8Weight, n
         return;
     }
     let nc = if m <= 16 { 16 } else { 64 };
-    let yp = SendPtr(y.as_mut_ptr());
+    let yp = super::SyncPtr(y.as_mut_ptr());
     pool.run(n.div_ceil(nc), &|t| {
         let n0 = t * nc;
         let rows = nc.min(n - n0);
         let _ = &yp;
-        let strip = I8Strip { q: w.q[n0 * kp..].as_ptr(), s: w.scale[n0..].as_ptr(), sx: a.sx.as_ptr(), kp };
+        let strip = I8Strip { q: w.q[n0 * kp..].as_ptr(), s: w.scale[n0..].as_ptr(), xq0: a.xq.as_ptr(), sx: a.sx.as_ptr(), kp };
         // SAFETY: this task writes only columns n0..n0+rows of each row of y; xq holds
         // m rows of kp codes, sx their group scales, and the strip `rows` rows of kp codes.
         unsafe {
             let yt = yp.0.add(n0);
             match kern {
                 #[cfg(target_arch = "x86_64")]
-                I8Kernel::Avx2 => x86::gemm(a.xq.as_ptr(), m, kp, &strip, rows, yt, n),
-                I8Kernel::Portable => portable::gemm(a.xq.as_ptr(), m, kp, &strip, rows, yt, n),
+                I8Kernel::Avx2 => x86::gemm(&strip, m, rows, yt, n),
+                I8Kernel::Portable => portable::gemm(&strip, m, rows, yt, n),
             }
             for i in 0..m {
                 for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
@@ -318,39 +313,22 @@ pub fn gemm_i8(kern: I8Kernel, pool: &ThreadPool, a: &QuantActs, w: &I8Weight, n
     });
 }
 
-/// A strip of INT8 weight rows with their scales, and the activations' group scales.
+/// What a tile kernel reads: a strip of INT8 weight rows with their scales, and the
+/// activations (their first row, to find the group scales of the rows a tile is given).
 pub struct I8Strip {
     pub q: *const i8,
     pub s: *const f32,
+    pub xq0: *const i8,
     pub sx: *const f32,
     pub kp: usize,
 }
 
 impl I8Strip {
-    /// Group scales of the activation row that starts at `x` (rows are `kp` codes apart
-    /// from the first, `xq0`).
+    /// Group scales of the activation row that starts at `x` (rows are `kp` codes apart).
     #[inline(always)]
-    unsafe fn sx_row(&self, x: *const i8, xq0: *const i8) -> *const f32 {
-        let row = (x.offset_from(xq0) as usize) / self.kp;
+    unsafe fn sx_row(&self, x: *const i8) -> *const f32 {
+        let row = (x.offset_from(self.xq0) as usize) / self.kp;
         self.sx.add(row * (self.kp / I8_ALIGN))
-    }
-}
-
-/// What a tile kernel reads: the weight strip and the first activation row (to find the
-/// group scales of the rows it is given).
-pub struct Ctx<'a> {
-    pub w: &'a I8Strip,
-    pub xq0: *const i8,
-}
-
-pub trait TileSrc {
-    fn ctx(&self) -> &Ctx<'_>;
-}
-
-impl TileSrc for Ctx<'_> {
-    #[inline(always)]
-    fn ctx(&self) -> &Ctx<'_> {
-        self
     }
 }
 
@@ -362,16 +340,18 @@ fn lane_sum(a: [f32; 8]) -> f32 {
 
 #[allow(clippy::needless_range_loop)]
 mod portable {
-    use super::{lane_sum, Ctx, I8Strip, TileSrc};
+    use std::borrow::Borrow;
 
-    pub unsafe fn tile<const MR: usize, const NR: usize, S: TileSrc>(x: *const i8, kp: usize, src: &S, c0: usize, y: *mut f32, ldy: usize) {
-        let ctx = src.ctx();
-        let w = ctx.w;
+    use super::{lane_sum, I8Strip};
+
+    pub unsafe fn tile<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        let w = w.borrow();
         let mut acc = [[[0f32; 8]; NR]; MR];
+        let sxr: [*const f32; MR] = std::array::from_fn(|r| w.sx_row(x.add(r * kp)));
         for g in 0..kp / 32 {
             for r in 0..MR {
                 let xr = x.add(r * kp + g * 32);
-                let s = *w.sx_row(x.add(r * kp), ctx.xq0).add(g);
+                let s = *sxr[r].add(g);
                 for c in 0..NR {
                     let wr = w.q.add((c0 + c) * kp + g * 32);
                     for l in 0..8 {
@@ -391,10 +371,9 @@ mod portable {
         }
     }
 
-    pub unsafe fn gemm(x: *const i8, m: usize, kp: usize, w: &I8Strip, n: usize, y: *mut f32, ldy: usize) {
-        let ctx = Ctx { w, xq0: x };
-        let ctx = &ctx;
-        tiled_driver!(tile, 2, 4, x, m, kp, ctx, n, y, ldy)
+    pub unsafe fn gemm(w: &I8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        tiled_driver!(tile, 2, 4, x, m, kp, w, n, y, ldy)
     }
 }
 
@@ -403,7 +382,9 @@ mod portable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{lane_sum, Ctx, I8Strip, TileSrc};
+    use std::borrow::Borrow;
+
+    use super::{lane_sum, I8Strip};
 
     const PF_TILES: usize = 1;
 
@@ -412,15 +393,11 @@ mod x86 {
     /// 2 · 127 · 127), `vpmaddwd` with ones widens to eight i32 lanes, and one FMA adds
     /// them, times the group's activation scale, to the f32 accumulator.
     #[inline(always)]
-    unsafe fn tile<const MR: usize, const NR: usize, S: TileSrc>(x: *const i8, kp: usize, src: &S, c0: usize, y: *mut f32, ldy: usize) {
-        let ctx = src.ctx();
-        let w = ctx.w;
+    unsafe fn tile<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        let w = w.borrow();
         let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        let mut sxr = [std::ptr::null::<f32>(); MR];
-        for r in 0..MR {
-            sxr[r] = w.sx_row(x.add(r * kp), ctx.xq0);
-        }
+        let sxr: [*const f32; MR] = std::array::from_fn(|r| w.sx_row(x.add(r * kp)));
         // The rows of this tile and of the next ones are contiguous; short rows (K = 576 is
         // 19 groups) end before the hardware prefetcher ramps up, so fetch the rows
         // `PF_TILES` tile(s) ahead, a group's worth of bytes per group.
@@ -455,13 +432,12 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemm(x: *const i8, m: usize, kp: usize, w: &I8Strip, n: usize, y: *mut f32, ldy: usize) {
-        let ctx = Ctx { w, xq0: x };
-        let ctx = &ctx;
+    pub unsafe fn gemm(w: &I8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
         if m == 1 {
-            tiled_driver!(tile, 1, 4, x, m, kp, ctx, n, y, ldy)
+            tiled_driver!(tile, 1, 4, x, m, kp, w, n, y, ldy)
         } else {
-            tiled_driver!(tile, 4, 2, x, m, kp, ctx, n, y, ldy)
+            tiled_driver!(tile, 4, 2, x, m, kp, w, n, y, ldy)
         }
     }
 }
