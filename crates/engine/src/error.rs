@@ -25,6 +25,9 @@ pub enum EngineError {
     /// Tokenizer or chat template failure.
     #[error("{0}")]
     Tokenizer(String),
+    /// The CUDA device, its driver or NVRTC is missing or failed.
+    #[error("CUDA: {0}")]
+    Device(String),
     /// An internal failure during a step; the affected requests are aborted.
     #[error("internal engine error: {0}")]
     Internal(String),

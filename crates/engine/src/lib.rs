@@ -8,6 +8,8 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod detok;
 pub mod engine;
 pub mod error;

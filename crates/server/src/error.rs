@@ -157,7 +157,7 @@ impl From<EngineError> for ApiError {
                 param: Some("lora_path".into()),
                 message: m,
             },
-            EngineError::Load(_) | EngineError::Internal(_) => ApiError::Internal(e.to_string()),
+            EngineError::Load(_) | EngineError::Device(_) | EngineError::Internal(_) => ApiError::Internal(e.to_string()),
         }
     }
 }
