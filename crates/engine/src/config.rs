@@ -27,6 +27,11 @@ pub struct EngineConfig {
     pub max_loras: usize,
     /// Weight format the linear layers are converted to at load (`--quantize`).
     pub quantize: Quantize,
+    /// Where the forward runs (`--device`).
+    pub device: Device,
+    /// Compiled CUDA kernels are cached here (by source hash and architecture); `None`
+    /// compiles them at every start.
+    pub kernel_cache_dir: Option<PathBuf>,
     /// Gets every step's statistics (metrics).
     pub observer: Option<Arc<dyn StepObserver>>,
 }
@@ -44,6 +49,8 @@ impl Default for EngineConfig {
             max_queued_requests: 1024,
             max_loras: 8,
             quantize: Quantize::None,
+            device: Device::Cpu,
+            kernel_cache_dir: None,
             observer: None,
         }
     }
@@ -62,7 +69,41 @@ impl std::fmt::Debug for EngineConfig {
             .field("max_queued_requests", &self.max_queued_requests)
             .field("max_loras", &self.max_loras)
             .field("quantize", &self.quantize)
+            .field("device", &self.device)
             .finish()
+    }
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// The first CUDA device; starting fails, saying why, when there is none usable.
+    Cuda,
+    /// CUDA when a device is usable, else the CPU (and the log says why).
+    Auto,
+}
+
+impl Device {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            "auto" => Ok(Device::Auto),
+            _ => Err(format!("unknown device {s:?} (expected cpu, cuda or auto)")),
+        }
     }
 }
 

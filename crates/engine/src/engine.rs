@@ -34,13 +34,18 @@ pub struct Engine;
 impl Engine {
     /// Loads the model (blocking) and starts the engine thread.
     pub fn start(cfg: EngineConfig) -> Result<EngineHandle> {
+        let backend = open_device(&cfg)?;
         let mut loaded = loader::load(&cfg.model)?;
-        loaded.model.quantize(cfg.quantize);
-        Self::from_loaded(cfg, loaded)
+        if backend.is_none() {
+            // On CUDA the device copy is converted instead; the host keeps the checkpoint's.
+            loaded.model.quantize(cfg.quantize);
+        }
+        Self::from_loaded(cfg, loaded, backend)
     }
 
-    /// Starts the engine thread on a model already in memory (`cfg.model` is not read).
-    pub fn from_loaded(cfg: EngineConfig, loaded: loader::Loaded) -> Result<EngineHandle> {
+    /// Starts the engine thread on a model already in memory (`cfg.model` is not read),
+    /// on `backend` when there is one (else the CPU).
+    fn from_loaded(cfg: EngineConfig, loaded: loader::Loaded, backend: Backend) -> Result<EngineHandle> {
         let (model, tokenizer) = (loaded.model, Arc::new(loaded.tokenizer));
         let mc = &model.config;
         if cfg.block_size == 0 {
@@ -108,9 +113,22 @@ impl Engine {
             Some(w) => sched.with_window_pool(plan.window_blocks, w),
             None => sched,
         };
+        let runner = match backend {
+            None => Runner::Cpu(KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers)),
+            #[cfg(feature = "cuda")]
+            Some(b) => Runner::Cuda(Box::new(crate::cuda::model::CudaModel::new(
+                b,
+                &model,
+                cfg.quantize,
+                layout,
+                (plan.window_blocks, &plan.windowed_layers),
+            )?)),
+            #[cfg(not(feature = "cuda"))]
+            Some(never) => match never {},
+        };
         let mut lp = EngineLoop {
             pool: ThreadPool::new(cfg.threads.max(1)),
-            cache: KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers),
+            runner,
             model,
             tokenizer,
             sched,
@@ -201,9 +219,48 @@ struct ReqOut {
     adapter: Option<Arc<LoraAdapter>>,
 }
 
+/// The device a step runs on, already open (`None`: the CPU).
+#[cfg(feature = "cuda")]
+type Backend = Option<crate::cuda::CudaBackend>;
+#[cfg(not(feature = "cuda"))]
+type Backend = Option<std::convert::Infallible>;
+
+/// Opens the device `cfg.device` asks for. `Auto` falls back to the CPU and logs why.
+fn open_device(cfg: &EngineConfig) -> Result<Backend> {
+    use crate::config::Device;
+    let cuda = || -> Result<Backend> {
+        #[cfg(feature = "cuda")]
+        {
+            let cache = crate::cuda::kernels::KernelCache::new(cfg.kernel_cache_dir.as_deref());
+            crate::cuda::CudaBackend::open(0, &cache).map(Some)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(EngineError::Device("this build has no CUDA backend (build tessera with `--features cuda`)".into()))
+    };
+    match cfg.device {
+        Device::Cpu => Ok(None),
+        Device::Cuda => cuda(),
+        Device::Auto if !cfg!(feature = "cuda") => Ok(None),
+        Device::Auto => match cuda() {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                tracing::warn!("--device auto: {e}; running on the CPU");
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// Where the forward runs, with the KV cache storage it owns.
+enum Runner {
+    Cpu(KvCache),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda::model::CudaModel>),
+}
+
 struct EngineLoop {
     pool: ThreadPool,
-    cache: KvCache,
+    runner: Runner,
     model: LlamaModel,
     tokenizer: Arc<Tokenizer>,
     sched: Scheduler,
@@ -301,7 +358,18 @@ impl EngineLoop {
         if !out.preempted.is_empty() {
             self.stats.num_preemptions_total.fetch_add(out.preempted.len() as u64, Ordering::Relaxed);
         }
-        let logits = self.forward(&out);
+        let logits = match self.forward(&out) {
+            Ok(l) => l,
+            Err(e) => {
+                // A device failure ends the step's requests; the others and the engine go on.
+                tracing::error!(error = %e, "forward failed; ending the step's requests");
+                for s in &out.seqs {
+                    let ev = TokenEvent { text: String::new(), token_ids: Vec::new(), logprobs: Vec::new(), finish: None };
+                    self.finish_with(s.id, FinishReason::Error, None, ev);
+                }
+                return;
+            }
+        };
         let vocab = self.model.config.vocab_size;
         let mut sampled = HashMap::new();
         let mut events = Vec::new();
@@ -340,7 +408,7 @@ impl EngineLoop {
     }
 
     /// Builds the packed batch of the step and runs the model.
-    fn forward(&mut self, out: &SchedulerOutput) -> Vec<f32> {
+    fn forward(&mut self, out: &SchedulerOutput) -> Result<Vec<f32>> {
         let bs = self.sched.config.block_size;
         let mut token_ids = Vec::with_capacity(out.num_tokens);
         let mut positions = Vec::with_capacity(out.num_tokens);
@@ -405,7 +473,11 @@ impl EngineLoop {
             logits_rows: &logits_rows,
             lora: groups,
         };
-        self.model.forward(&self.pool, &batch, &mut self.cache)
+        match &mut self.runner {
+            Runner::Cpu(cache) => Ok(self.model.forward(&self.pool, &batch, cache)),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(m) => m.forward(&batch),
+        }
     }
 
     /// Handles a sampled token: text, stop checks, the event, and finishing.

@@ -13,8 +13,20 @@ use engine::SamplingParams;
 /// reported top-5 logprob within 5e-4 of the reference (measured: 2.9e-5).
 #[test]
 fn greedy_generations_match_the_reference() {
+    greedy_generations_match(default_cfg());
+}
+
+/// The same on a CUDA device (`--quantize none`: f32 weights and GEMMs there too).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_greedy_generations_match_the_reference() {
+    greedy_generations_match(engine::EngineConfig { device: engine::Device::Cuda, ..default_cfg() });
+}
+
+fn greedy_generations_match(cfg: engine::EngineConfig) {
     let g = golden("base.json");
-    let h = start(default_cfg());
+    let h = start(cfg);
     let mut worst_lp = 0f32;
     for p in g["prompts"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap();

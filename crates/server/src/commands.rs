@@ -27,6 +27,9 @@ pub struct OfflineEngineArgs {
     /// Weight conversion at load: none, int8 or fp8 (as for `serve`).
     #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
     pub quantize: engine::Quantize,
+    /// Where the model runs: cpu, cuda or auto (as for `serve`).
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
+    pub device: engine::Device,
 }
 
 impl OfflineEngineArgs {
@@ -46,6 +49,7 @@ impl OfflineEngineArgs {
             kv_cache_bytes: self.kv_cache_bytes,
             max_num_batched_tokens: self.max_num_batched_tokens.max(1),
             quantize: self.quantize,
+            device: self.device,
             ..EngineConfig::default()
         };
         Engine::start(cfg).map_err(|e| ConfigError(e.to_string()))
@@ -174,6 +178,7 @@ pub fn bench(args: BenchArgs) -> Result<(), ConfigError> {
             "model": h.info().name,
             "threads": args.engine.threads,
             "quantize": args.engine.quantize.as_str(),
+            "device": args.engine.device.as_str(),
             "prompt_tokens": p,
             "decode_tokens": args.decode_tokens,
             "repeat": runs.len(),

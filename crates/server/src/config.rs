@@ -84,6 +84,13 @@ pub struct ServeArgs {
     /// with per-channel scales).
     #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
     pub quantize: engine::Quantize,
+    /// Where the model runs: cpu, cuda (fails at start, saying why, without a usable
+    /// device) or auto (CUDA when this build has it and a device is usable, else CPU).
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
+    pub device: engine::Device,
+    /// Folder where compiled CUDA kernels are cached (default: compile at every start).
+    #[arg(long, env = "TESSERA_KERNEL_CACHE_DIR")]
+    pub kernel_cache_dir: Option<PathBuf>,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before aborting them.
     #[arg(long, env = "TESSERA_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
@@ -174,6 +181,8 @@ impl ServeArgs {
             max_queued_requests: self.max_queued_requests,
             max_loras: self.max_loras,
             quantize: self.quantize,
+            device: self.device,
+            kernel_cache_dir: self.kernel_cache_dir.clone(),
             observer: None,
         };
         let lora_root = self

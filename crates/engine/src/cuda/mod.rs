@@ -11,6 +11,7 @@ pub mod backend;
 pub mod gemm;
 pub mod kernels;
 pub mod linear;
+pub mod model;
 pub mod plan;
 
 pub use backend::{driver_available, CudaBackend};

@@ -1,0 +1,252 @@
+//! The Llama-family forward on the device: the same packed step as `LlamaModel::forward`
+//! (one matrix of every sequence's tokens, attention alone per sequence through the paged
+//! cache), with the weights and the KV cache in device memory.
+//!
+//! Per step the host uploads the step's small tables (token ids, positions, slots, block
+//! tables) and copies back only the logits of the rows that sample: sampling stays on the
+//! host, shared with the CPU path (penalties, logprobs, seeds are per request there), and
+//! at most `max_num_seqs` rows of logits cross per step.
+
+use cudarc::driver::CudaSlice;
+
+use super::backend::{CudaBackend, DeviceRope, Norm};
+use super::gemm::GemmKind;
+use super::linear::DeviceLinear;
+use crate::config::Quantize;
+use crate::cpu::attention::{AttnParams, SeqAttn};
+use crate::cpu::matmul::Linear;
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvLayout;
+use crate::model::{Activation, BatchInput, LlamaModel, ModelConfig};
+
+struct DeviceLayer {
+    input_norm: CudaSlice<f32>,
+    q: DeviceLinear,
+    k: DeviceLinear,
+    v: DeviceLinear,
+    o: DeviceLinear,
+    q_norm: Option<CudaSlice<f32>>,
+    k_norm: Option<CudaSlice<f32>>,
+    attn_output_norm: Option<CudaSlice<f32>>,
+    post_norm: CudaSlice<f32>,
+    gate: DeviceLinear,
+    up: DeviceLinear,
+    down: DeviceLinear,
+    mlp_output_norm: Option<CudaSlice<f32>>,
+}
+
+pub struct CudaModel {
+    pub backend: CudaBackend,
+    pub config: ModelConfig,
+    embed: CudaSlice<f32>,
+    layers: Vec<DeviceLayer>,
+    norm: CudaSlice<f32>,
+    lm_head: DeviceLinear,
+    rope: DeviceRope,
+    rope_local: Option<DeviceRope>,
+    alibi: Option<CudaSlice<f32>>,
+    k_cache: Vec<CudaSlice<f32>>,
+    v_cache: Vec<CudaSlice<f32>>,
+    windowed: Vec<bool>,
+    block_size: usize,
+}
+
+fn f32_rows(l: &Linear) -> Vec<f32> {
+    let mut w = vec![0f32; l.out_features * l.in_features];
+    l.weight.dequant_rows(0, l.in_features, &mut w);
+    w
+}
+
+impl CudaModel {
+    /// Uploads `model` (its linear layers as f32, converted to the `--quantize` format on
+    /// the device side) and allocates the KV cache of `layout` (layers marked `windowed`
+    /// get `window_blocks` blocks).
+    pub fn new(
+        backend: CudaBackend,
+        model: &LlamaModel,
+        quantize: Quantize,
+        layout: KvLayout,
+        (window_blocks, windowed): (usize, &[bool]),
+    ) -> Result<CudaModel> {
+        let c = model.config.clone();
+        let kind = match quantize {
+            Quantize::None => GemmKind::F32,
+            Quantize::Int8 => GemmKind::Int8,
+            Quantize::Fp8 => GemmKind::Fp8,
+        };
+        let b = &backend;
+        let lin = |l: &Linear, bias: Option<&Vec<f32>>, kind: GemmKind| {
+            DeviceLinear::new(b, &f32_rows(l), (l.out_features, l.in_features), bias.map(|v| v.as_slice()), kind)
+        };
+        let opt = |v: &Option<Vec<f32>>| v.as_ref().map(|v| b.upload(v)).transpose();
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for l in &model.layers {
+            let a = &l.self_attn;
+            layers.push(DeviceLayer {
+                input_norm: b.upload(&l.input_layernorm)?,
+                q: lin(&a.q_proj, a.q_bias.as_ref(), kind)?,
+                k: lin(&a.k_proj, a.k_bias.as_ref(), kind)?,
+                v: lin(&a.v_proj, a.v_bias.as_ref(), kind)?,
+                o: lin(&a.o_proj, None, kind)?,
+                q_norm: opt(&a.q_norm)?,
+                k_norm: opt(&a.k_norm)?,
+                attn_output_norm: opt(&l.attn_output_norm)?,
+                post_norm: b.upload(&l.post_attention_layernorm)?,
+                gate: lin(&l.mlp.gate_proj, None, kind)?,
+                up: lin(&l.mlp.up_proj, None, kind)?,
+                down: lin(&l.mlp.down_proj, None, kind)?,
+                mlp_output_norm: opt(&l.mlp_output_norm)?,
+            });
+        }
+        // As on CPU: the head is INT8 under int8 and keeps full precision under fp8.
+        let head_kind = if kind == GemmKind::Fp8 { GemmKind::F32 } else { kind };
+        let per_block = layout.block_size * layout.slot_floats();
+        let wind: Vec<bool> = (0..c.num_layers).map(|l| windowed.get(l).copied().unwrap_or(false)).collect();
+        let size = |l: usize| if wind[l] { window_blocks } else { layout.num_blocks } * per_block;
+        let k_cache = (0..c.num_layers).map(|l| b.zeros::<f32>(size(l))).collect::<Result<Vec<_>>>()?;
+        let v_cache = (0..c.num_layers).map(|l| b.zeros::<f32>(size(l))).collect::<Result<Vec<_>>>()?;
+        let m = CudaModel {
+            embed: b.upload(&f32_rows(&model.embed_tokens))?,
+            layers,
+            norm: b.upload(&model.norm)?,
+            lm_head: lin(&model.lm_head, None, head_kind)?,
+            rope: b.upload_rope(&model.rope)?,
+            rope_local: model.rope_local.as_ref().map(|r| b.upload_rope(r)).transpose()?,
+            alibi: opt(&c.variant.alibi_slopes)?,
+            k_cache,
+            v_cache,
+            windowed: wind,
+            block_size: layout.block_size,
+            config: c,
+            backend,
+        };
+        m.backend.synchronize()?;
+        Ok(m)
+    }
+
+    /// One packed step; returns `[logits_rows.len(), vocab]` logits on the host.
+    pub fn forward(&mut self, batch: &BatchInput<'_>) -> Result<Vec<f32>> {
+        if !batch.lora.is_empty() {
+            return Err(EngineError::Device("LoRA adapters are not wired into the CUDA forward yet".into()));
+        }
+        let b = &self.backend;
+        let c = &self.config;
+        let v = &c.variant;
+        let t = batch.token_ids.len();
+        let (hd, qd, kvd, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        let ids: Vec<i32> = batch.token_ids.iter().map(|&i| i as i32).collect();
+        let pos: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
+        let slots: Vec<i32> = batch.slot_mapping.iter().map(|&s| s as i32).collect();
+        let (ids, pos, slots) = (b.upload(&ids)?, b.upload(&pos)?, b.upload(&slots)?);
+        let wslots = match batch.window_slot_mapping {
+            Some(w) => Some(b.upload(&w.iter().map(|&s| s as i32).collect::<Vec<_>>())?),
+            None => None,
+        };
+        let seqs: Vec<SeqAttn<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| SeqAttn { query_start: s.query_start, query_len: s.query_len, context_len: s.context_len, block_table: s.block_table })
+            .collect();
+        let wseqs: Vec<SeqAttn<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| SeqAttn {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: s.window_block_table.unwrap_or(s.block_table),
+            })
+            .collect();
+        let params = |local: bool| AttnParams {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            block_size: self.block_size,
+            scale: v.attn_scale,
+            sliding_window: if local { v.sliding_window } else { None },
+            softcap: v.attn_softcap,
+            alibi_slopes: v.alibi_slopes.as_deref(),
+        };
+        // Block tables of the window pool hold u32::MAX for released blocks; the kernel
+        // never reads them (they lie outside every query's window).
+        let plan = b.plan_attention(&seqs, &params(false))?;
+        let wplan = match batch.window_slot_mapping {
+            Some(_) => Some(b.plan_attention(&wseqs, &params(true))?),
+            None => None,
+        };
+        let norm = |dim: usize| Norm { dim, eps: c.rms_norm_eps, offset: v.norm_offset };
+
+        let mut x = b.zeros::<f32>(t * hd)?;
+        b.embedding(&self.embed, &ids, &mut x, v.embed_scale)?;
+        let mut h = b.zeros::<f32>(t * hd)?;
+        let mut tmp = b.zeros::<f32>(t * hd.max(qd))?;
+        let (mut q, mut k, mut vv) = (b.zeros::<f32>(t * qd)?, b.zeros::<f32>(t * kvd)?, b.zeros::<f32>(t * kvd)?);
+        let mut attn = b.zeros::<f32>(t * qd)?;
+        let (mut gate, mut up) = (b.zeros::<f32>(t * inter)?, b.zeros::<f32>(t * inter)?);
+        let mut qn = b.zeros::<f32>(t * qd)?;
+        let mut kn = b.zeros::<f32>(t * kvd)?;
+        b.rms_norm(&x, &self.layers[0].input_norm, &mut h, norm(hd))?;
+        for li in 0..self.layers.len() {
+            let layer = &self.layers[li];
+            let local = v.local_layers.get(li).copied().unwrap_or(false);
+            layer.q.forward(b, &h, &mut q)?;
+            layer.k.forward(b, &h, &mut k)?;
+            layer.v.forward(b, &h, &mut vv)?;
+            if let Some(w) = &layer.q_norm {
+                b.rms_norm(&q, w, &mut qn, norm(c.head_dim))?;
+                std::mem::swap(&mut q, &mut qn);
+            }
+            if let Some(w) = &layer.k_norm {
+                b.rms_norm(&k, w, &mut kn, norm(c.head_dim))?;
+                std::mem::swap(&mut k, &mut kn);
+            }
+            if self.alibi.is_none() {
+                let rope = if local { self.rope_local.as_ref().unwrap_or(&self.rope) } else { &self.rope };
+                b.rope(&mut q, &pos, rope, c.head_dim)?;
+                b.rope(&mut k, &pos, rope, c.head_dim)?;
+            }
+            let (layer_slots, layer_plan, p) = match (self.windowed[li], &wslots, &wplan) {
+                (true, Some(ws), Some(wp)) => (ws, wp, params(true)),
+                _ => (&slots, &plan, params(local)),
+            };
+            b.reshape_and_cache(&k, &vv, (&mut self.k_cache[li], &mut self.v_cache[li]), layer_slots)?;
+            b.paged_attention(&q, (&self.k_cache[li], &self.v_cache[li]), layer_plan, &p, self.alibi.as_ref(), &mut attn)?;
+            let mut o = b.zeros::<f32>(t * hd)?;
+            layer.o.forward(b, &attn, &mut o)?;
+            if let Some(w) = &layer.attn_output_norm {
+                b.rms_norm(&o, w, &mut tmp, norm(hd))?;
+                b.add_rms_norm(&mut x, &tmp, &layer.post_norm, &mut h, norm(hd))?;
+            } else {
+                b.add_rms_norm(&mut x, &o, &layer.post_norm, &mut h, norm(hd))?;
+            }
+            layer.gate.forward(b, &h, &mut gate)?;
+            layer.up.forward(b, &h, &mut up)?;
+            match v.activation {
+                Activation::Silu => b.silu_mul(&mut gate, &up)?,
+                Activation::GeluTanh => b.gelu_tanh_mul(&mut gate, &up)?,
+            }
+            layer.down.forward(b, &gate, &mut o)?;
+            let next = self.layers.get(li + 1).map_or(&self.norm, |l| &l.input_norm);
+            if let Some(w) = &layer.mlp_output_norm {
+                b.rms_norm(&o, w, &mut tmp, norm(hd))?;
+                b.add_rms_norm(&mut x, &tmp, next, &mut h, norm(hd))?;
+            } else {
+                b.add_rms_norm(&mut x, &o, next, &mut h, norm(hd))?;
+            }
+        }
+        // h = final_norm(x) for every row; gather the sampled rows and project.
+        let n = batch.logits_rows.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<i32> = batch.logits_rows.iter().map(|&r| r as i32).collect();
+        let mut sel = b.zeros::<f32>(n * hd)?;
+        b.embedding(&h, &b.upload(&rows)?, &mut sel, 1.0)?;
+        let mut logits = b.zeros::<f32>(n * c.vocab_size)?;
+        self.lm_head.forward(b, &sel, &mut logits)?;
+        if let Some(cap) = v.final_softcap {
+            b.softcap(&mut logits, cap)?;
+        }
+        b.download(&logits)
+    }
+}
