@@ -1,20 +1,22 @@
 // LoRA over row segments of the packed batch (Punica SGMV semantics): each segment is a
-// run of rows that use one adapter slot. Slot tables hold device pointers per slot:
-//   A[slot]: [rank, in]   Bt[slot]: [rank, out] (B transposed)
-// shrink:  t[row, j]  = scale[slot] * x[row] . A[slot][j]          (j < rank[slot])
-// expand:  y[row, c] += sum_j t[row, j] * Bt[slot][j, c]
+// run of rows that use one adapter slot. The step's slot tables hold, per slot and per
+// site (layer * 7 + module), the device address of the adapter's weights, its rank
+// (0: this adapter leaves the site alone) and scale:
+//   A: [rank, in]   Bt: [rank, out] (B transposed)     entry = slot * sites + site
+// shrink:  t[row, j]  = scale * x[row] . A[j]          (j < rank)
+// expand:  y[row, c] += sum_j t[row, j] * Bt[j, c]
 
 extern "C" __global__ void lora_shrink(const float* __restrict__ x, int in_dim,
                                        const int* __restrict__ seg_start, const int* __restrict__ seg_len,
                                        const int* __restrict__ seg_slot,
                                        const unsigned long long* __restrict__ a_ptrs,
                                        const int* __restrict__ ranks, const float* __restrict__ scales,
-                                       float* __restrict__ t, int max_rank) {
+                                       int site, int sites, float* __restrict__ t, int max_rank) {
     const int seg = blockIdx.x, j = blockIdx.y;
-    const int slot = seg_slot[seg];
-    if (j >= ranks[slot]) return;
-    const float* a = (const float*)a_ptrs[slot] + (size_t)j * in_dim;
-    const float scale = scales[slot];
+    const int e = seg_slot[seg] * sites + site;
+    if (j >= ranks[e]) return;
+    const float* a = (const float*)a_ptrs[e] + (size_t)j * in_dim;
+    const float scale = scales[e];
     for (int r = seg_start[seg]; r < seg_start[seg] + seg_len[seg]; r++) {
         const float* xr = x + (size_t)r * in_dim;
         float s = 0.f;
@@ -28,13 +30,15 @@ extern "C" __global__ void lora_expand(const float* __restrict__ t, int max_rank
                                        const int* __restrict__ seg_start, const int* __restrict__ seg_len,
                                        const int* __restrict__ seg_slot,
                                        const unsigned long long* __restrict__ bt_ptrs,
-                                       const int* __restrict__ ranks, float* __restrict__ y, int out_dim) {
+                                       const int* __restrict__ ranks, int site, int sites,
+                                       float* __restrict__ y, int out_dim) {
     const int seg = blockIdx.x;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= out_dim) return;
-    const int slot = seg_slot[seg];
-    const float* bt = (const float*)bt_ptrs[slot];
-    const int rank = ranks[slot];
+    const int e = seg_slot[seg] * sites + site;
+    const int rank = ranks[e];
+    if (rank == 0) return;
+    const float* bt = (const float*)bt_ptrs[e];
     for (int r = seg_start[seg]; r < seg_start[seg] + seg_len[seg]; r++) {
         const float* tr = t + (size_t)r * max_rank;
         float acc = y[(size_t)r * out_dim + c];

@@ -59,7 +59,7 @@ impl Module {
     }
 
     /// (out, in) of this module in the base model.
-    fn shape(self, c: &ModelConfig) -> (usize, usize) {
+    pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
         let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         match self {
             Module::Q => (q, h),

@@ -321,8 +321,8 @@ fn gemma3_folder_with_sliding_window_and_softcaps_matches_the_reference() {
 }
 
 /// The CUDA forward against the CPU forward on every architecture above: three packed
-/// steps mixing prefill chunks and decode rows of three sequences, shuffled cache blocks,
-/// logits of every row within 1e-4 relative. Then the whole engine on the device through
+/// steps mixing prefill chunks and decode rows of three sequences (one of them through a
+/// LoRA adapter), shuffled cache blocks, logits of every row within 1e-4 relative. Then the whole engine on the device through
 /// Gemma 3's sliding-window pool (blocks released while generating): the same greedy
 /// tokens as on the CPU.
 #[cfg(feature = "cuda")]
@@ -353,6 +353,7 @@ fn cuda_forward_matches_cpu_on_every_architecture() {
         let mut cache = KvCache::new(layout);
         let backend = CudaBackend::open(0, &KernelCache::new(None)).unwrap_or_else(|e| panic!("{e}"));
         let mut cm = CudaModel::new(backend, m, Quantize::None, layout, (0, &[])).unwrap_or_else(|e| panic!("{e}"));
+        let adapter = tiny_adapter(&t, m, &dir.join("adapter"));
         // Three sequences, each with its own shuffled blocks: (prompt tokens, block table).
         let tables: [Vec<u32>; 3] = [vec![7, 2, 19, 4, 11], vec![0, 15, 8, 21, 3], vec![13, 1, 22, 6, 17]];
         let toks = |s: usize, p: usize| ((s * 104_729 + p * 7919 + 13) % t.vocab) as u32;
@@ -370,7 +371,10 @@ fn cuda_forward_matches_cpu_on_every_architecture() {
                 }
             }
             let rows: Vec<usize> = (0..ids.len()).collect();
-            let batch = BatchInput { token_ids: &ids, positions: &pos, seqs, slot_mapping: &slots, window_slot_mapping: None, logits_rows: &rows, lora: Vec::new() };
+            // Sequence 1 runs with the adapter, the others on the base weights.
+            let segments: Vec<(usize, usize)> = step.iter().zip(&seqs).filter(|(st, _)| st.0 == 1).map(|(_, q)| (q.query_start, q.query_len)).collect();
+            let lora = vec![engine::lora::AdapterRows { adapter: &adapter, segments }];
+            let batch = BatchInput { token_ids: &ids, positions: &pos, seqs, slot_mapping: &slots, window_slot_mapping: None, logits_rows: &rows, lora };
             let want = m.forward(&pool, &batch, &mut cache);
             let got = cm.forward(&batch).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(got.len(), want.len());
@@ -394,4 +398,29 @@ fn cuda_forward_matches_cpu_on_every_architecture() {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// A PEFT LoRA folder (rank 4, alpha 8) on five of the seven modules of a tiny model,
+/// loaded as the server loads adapters.
+#[cfg(feature = "cuda")]
+fn tiny_adapter(t: &Tiny, m: &engine::model::LlamaModel, dir: &Path) -> engine::lora::LoraAdapter {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let (h, q, kv) = (t.hidden, t.heads * t.head_dim, t.kv_heads * t.head_dim);
+    let r = 4;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for l in 0..t.layers {
+        for (module, out, inp) in [("self_attn.q_proj", q, h), ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", t.inter, h), ("mlp.down_proj", h, t.inter)] {
+            let key = |ab: &str| format!("base_model.model.model.layers.{l}.{module}.lora_{ab}.weight");
+            let mut rand_t = |n: usize, shape: &[usize]| {
+                Tensor::from_vec((0..n).map(|_| rng.random_range(-0.3f32..0.3)).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+            };
+            tensors.insert(key("A"), rand_t(r * inp, &[r, inp]));
+            tensors.insert(key("B"), rand_t(out * r, &[out, r]));
+        }
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    let cfg = serde_json::json!({"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    engine::lora::load_adapter("tiny", dir, &m.config, engine::lora::LoadOptions { max_rank: 64 }).unwrap_or_else(|e| panic!("{e}"))
 }

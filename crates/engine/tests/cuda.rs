@@ -14,7 +14,7 @@ use engine::cpu::attention::{paged_attention, AttnParams, SeqAttn};
 use engine::cpu::ops::{self, Rope};
 use engine::cpu::quant::quantize_row;
 use engine::cpu::quant::{e4m3_to_f32, F8Weight};
-use engine::cuda::backend::{DeviceRope, LoraBatch, Norm};
+use engine::cuda::backend::{DeviceRope, LoraBatch, LoraSite, Norm};
 use engine::cuda::gemm::GemmKind;
 use engine::cuda::linear::DeviceLinear;
 use engine::cuda::kernels::{compile, Arch, KernelCache, SOURCES};
@@ -269,48 +269,69 @@ fn lora_segments_match_the_reference() {
     let b = backend();
     let mut r = rng("lora");
     let (tokens, ind, outd) = (23, 576, 192);
-    // Two adapters of ranks 8 and 16; segments: rows 0..5 slot 1, 9..20 slot 0, 20..23 slot 1.
-    let ranks = [8usize, 16];
+    // Two adapters of ranks 8 and 16 over two sites; at site 1 the first adapter leaves
+    // the layer alone (rank 0). Segments: rows 0..5 slot 1, 9..20 slot 0, 20..23 slot 1.
+    let sites = 2;
+    let ranks = [[8usize, 0], [16, 16]]; // [slot][site]
     let scales = [2.0f32, 0.5];
-    let a: Vec<Vec<f32>> = ranks.iter().map(|&rk| randn(&mut r, rk * ind, 0.1)).collect();
-    let bt: Vec<Vec<f32>> = ranks.iter().map(|&rk| randn(&mut r, rk * outd, 0.1)).collect();
+    let a: Vec<Vec<Vec<f32>>> = ranks.iter().map(|rs| rs.iter().map(|&rk| randn(&mut r, rk * ind, 0.1)).collect()).collect();
+    let bt: Vec<Vec<Vec<f32>>> = ranks.iter().map(|rs| rs.iter().map(|&rk| randn(&mut r, rk * outd, 0.1)).collect()).collect();
+    let da: Vec<Vec<_>> = a.iter().map(|v| v.iter().map(|w| b.upload(&w.clone().max_len1()).unwrap()).collect()).collect();
+    let dbt: Vec<Vec<_>> = bt.iter().map(|v| v.iter().map(|w| b.upload(&w.clone().max_len1()).unwrap()).collect()).collect();
     let segs = [(0usize, 5usize, 1usize), (9, 11, 0), (20, 3, 1)];
-    let x = randn(&mut r, tokens * ind, 1.0);
-    let y0 = randn(&mut r, tokens * outd, 1.0);
-    let da: Vec<_> = a.iter().map(|v| b.upload(v).unwrap()).collect();
-    let dbt: Vec<_> = bt.iter().map(|v| b.upload(v).unwrap()).collect();
+    let table = |f: &dyn Fn(usize, usize) -> u64| -> Vec<u64> { (0..2).flat_map(|sl| (0..sites).map(move |st| (sl, st))).map(|(sl, st)| f(sl, st)).collect() };
     let lb = LoraBatch {
         seg_start: b.upload(&segs.map(|s| s.0 as i32)).unwrap(),
         seg_len: b.upload(&segs.map(|s| s.1 as i32)).unwrap(),
         seg_slot: b.upload(&segs.map(|s| s.2 as i32)).unwrap(),
-        a_ptrs: b.upload(&[b.address(&da[0]), b.address(&da[1])]).unwrap(),
-        bt_ptrs: b.upload(&[b.address(&dbt[0]), b.address(&dbt[1])]).unwrap(),
-        ranks: b.upload(&ranks.map(|v| v as i32)).unwrap(),
-        scales: b.upload(&scales).unwrap(),
+        a_ptrs: b.upload(&table(&|sl, st| b.address(&da[sl][st]))).unwrap(),
+        bt_ptrs: b.upload(&table(&|sl, st| b.address(&dbt[sl][st]))).unwrap(),
+        ranks: b.upload(&table(&|sl, st| ranks[sl][st] as u64).iter().map(|&v| v as i32).collect::<Vec<_>>()).unwrap(),
+        scales: b.upload(&[scales[0], scales[0], scales[1], scales[1]]).unwrap(),
+        sites,
         num_segments: segs.len(),
         max_rank: 16,
-        in_dim: ind,
-        out_dim: outd,
     };
-    let mut y = b.upload(&y0).unwrap();
-    let mut t = poisoned(&b, tokens * 16);
-    b.lora(&b.upload(&x).unwrap(), &mut y, &mut t, &lb).unwrap();
-    let mut want = y0.clone();
-    for &(start, n, slot) in &segs {
-        for row in start..start + n {
-            let xr = &x[row * ind..(row + 1) * ind];
-            let t: Vec<f32> = (0..ranks[slot])
-                .map(|j| scales[slot] * xr.iter().zip(&a[slot][j * ind..(j + 1) * ind]).map(|(p, q)| p * q).sum::<f32>())
-                .collect();
-            for c in 0..outd {
-                want[row * outd + c] += (0..ranks[slot]).map(|j| t[j] * bt[slot][j * outd + c]).sum::<f32>();
+    let x = randn(&mut r, tokens * ind, 1.0);
+    for site in 0..sites {
+        let y0 = randn(&mut r, tokens * outd, 1.0);
+        let mut y = b.upload(&y0).unwrap();
+        let mut t = poisoned(&b, tokens * 16);
+        b.lora(&b.upload(&x).unwrap(), &mut y, &mut t, &lb, LoraSite { site, in_dim: ind, out_dim: outd }).unwrap();
+        let mut want = y0.clone();
+        for &(start, n, slot) in &segs {
+            let rk = ranks[slot][site];
+            for row in start..start + n {
+                let xr = &x[row * ind..(row + 1) * ind];
+                let t: Vec<f32> = (0..rk)
+                    .map(|j| scales[slot] * xr.iter().zip(&a[slot][site][j * ind..(j + 1) * ind]).map(|(p, q)| p * q).sum::<f32>())
+                    .collect();
+                for c in 0..outd {
+                    want[row * outd + c] += (0..rk).map(|j| t[j] * bt[slot][site][j * outd + c]).sum::<f32>();
+                }
             }
         }
+        let got = b.download(&y).unwrap();
+        // Rows outside every segment (5..9), and rank-0 rows, stay exactly as they were.
+        assert_eq!(&got[5 * outd..9 * outd], &y0[5 * outd..9 * outd]);
+        if site == 1 {
+            assert_eq!(&got[9 * outd..20 * outd], &y0[9 * outd..20 * outd]);
+        }
+        assert_close(&format!("lora site {site}"), &got, &want, 1e-4, 1e-4);
     }
-    // Rows outside every segment (5..9) stay exactly as they were.
-    let got = b.download(&y).unwrap();
-    assert_eq!(&got[5 * outd..9 * outd], &y0[5 * outd..9 * outd]);
-    assert_close("lora", &got, &want, 1e-4, 1e-4);
+}
+
+/// A rank-0 site still needs a buffer to point at.
+trait MaxLen1 {
+    fn max_len1(self) -> Self;
+}
+impl MaxLen1 for Vec<f32> {
+    fn max_len1(mut self) -> Self {
+        if self.is_empty() {
+            self.push(0.0);
+        }
+        self
+    }
 }
 
 /// Each GEMM kind against the CPU arithmetic it stands for, on the odd shapes of the

@@ -45,18 +45,27 @@ pub struct DeviceRope {
     pub interleaved: bool,
 }
 
-/// One LoRA module's adapters for a step: row segments and per-slot weight tables.
+/// The LoRA adapters of a step: row segments and, per slot and site (`layer * 7 +
+/// module`), the device address of each adapter's `A` (`[rank, in]`) and `Bᵀ`
+/// (`[rank, out]`), its rank (0 where it leaves the site alone) and scale.
 pub struct LoraBatch {
     pub seg_start: CudaSlice<i32>,
     pub seg_len: CudaSlice<i32>,
     pub seg_slot: CudaSlice<i32>,
-    /// Device addresses of each slot's `A` (`[rank, in]`) and `Bᵀ` (`[rank, out]`).
+    /// `[slots * sites]` each.
     pub a_ptrs: CudaSlice<u64>,
     pub bt_ptrs: CudaSlice<u64>,
     pub ranks: CudaSlice<i32>,
     pub scales: CudaSlice<f32>,
+    pub sites: usize,
     pub num_segments: usize,
     pub max_rank: usize,
+}
+
+/// Where one LoRA application happens: its site index and the layer's shape.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraSite {
+    pub site: usize,
     pub in_dim: usize,
     pub out_dim: usize,
 }
@@ -367,24 +376,25 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Adds every segment's adapter delta: `y[rows] += scale (x A^T) B^T`. `t` is scratch
-    /// of `[tokens, max_rank]`.
-    pub fn lora(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, t: &mut CudaSlice<f32>, l: &LoraBatch) -> Result<()> {
-        if l.num_segments == 0 {
+    /// Adds every segment's adapter delta at `at`: `y[rows] += scale (x A^T) B^T`. `t` is
+    /// scratch of at least `[tokens, max_rank]`.
+    pub fn lora(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, t: &mut CudaSlice<f32>, l: &LoraBatch, at: LoraSite) -> Result<()> {
+        if l.num_segments == 0 || l.max_rank == 0 {
             return Ok(());
         }
-        let (ind, outd, mr) = (l.in_dim as i32, l.out_dim as i32, l.max_rank as i32);
+        let (ind, outd, mr) = (at.in_dim as i32, at.out_dim as i32, l.max_rank as i32);
+        let (site, sites) = (at.site as i32, l.sites as i32);
         let mut b = self.stream.launch_builder(self.f("lora_shrink"));
         b.arg(x).arg(&ind).arg(&l.seg_start).arg(&l.seg_len).arg(&l.seg_slot).arg(&l.a_ptrs).arg(&l.ranks);
-        b.arg(&l.scales).arg(&mut *t).arg(&mr);
+        b.arg(&l.scales).arg(&site).arg(&sites).arg(&mut *t).arg(&mr);
         let cfg = LaunchConfig { grid_dim: (l.num_segments as u32, l.max_rank as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: as above; the pointer tables hold live buffers of the step's adapters.
         unsafe { b.launch(cfg) }.map_err(dev)?;
         let mut b = self.stream.launch_builder(self.f("lora_expand"));
         b.arg(&*t).arg(&mr).arg(&l.seg_start).arg(&l.seg_len).arg(&l.seg_slot).arg(&l.bt_ptrs).arg(&l.ranks);
-        b.arg(y).arg(&outd);
+        b.arg(&site).arg(&sites).arg(y).arg(&outd);
         let cfg = LaunchConfig {
-            grid_dim: (l.num_segments as u32, l.out_dim.div_ceil(256) as u32, 1),
+            grid_dim: (l.num_segments as u32, at.out_dim.div_ceil(256) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

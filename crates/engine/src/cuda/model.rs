@@ -7,9 +7,11 @@
 //! host, shared with the CPU path (penalties, logprobs, seeds are per request there), and
 //! at most `max_num_seqs` rows of logits cross per step.
 
+use std::collections::HashMap;
+
 use cudarc::driver::CudaSlice;
 
-use super::backend::{CudaBackend, DeviceRope, Norm};
+use super::backend::{CudaBackend, DeviceRope, LoraBatch, LoraSite, Norm};
 use super::gemm::GemmKind;
 use super::linear::DeviceLinear;
 use crate::config::Quantize;
@@ -17,6 +19,7 @@ use crate::cpu::attention::{AttnParams, SeqAttn};
 use crate::cpu::matmul::Linear;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvLayout;
+use crate::lora::{AdapterId, AdapterRows, LoraAdapter, Module};
 use crate::model::{Activation, BatchInput, LlamaModel, ModelConfig};
 
 struct DeviceLayer {
@@ -35,6 +38,52 @@ struct DeviceLayer {
     mlp_output_norm: Option<CudaSlice<f32>>,
 }
 
+/// LoRA sites per layer: one per [`Module`].
+const MODULES: usize = 7;
+/// Adapters kept on the device; beyond this the least recently used one not in the
+/// current step is dropped (and uploaded again when it returns).
+const MAX_DEVICE_ADAPTERS: usize = 64;
+
+/// An adapter's weights on the device, with its row of the step's slot tables.
+struct DeviceAdapter {
+    _bufs: Vec<CudaSlice<f32>>,
+    /// Per site (`layer * 7 + module`); 0 and rank 0 where the adapter is absent.
+    a_ptrs: Vec<u64>,
+    bt_ptrs: Vec<u64>,
+    ranks: Vec<i32>,
+    scales: Vec<f32>,
+    max_rank: usize,
+    last_used: u64,
+}
+
+impl DeviceAdapter {
+    fn upload(b: &CudaBackend, a: &LoraAdapter) -> Result<DeviceAdapter> {
+        let sites = a.layers.len() * MODULES;
+        let mut d = DeviceAdapter {
+            _bufs: Vec::new(),
+            a_ptrs: vec![0; sites],
+            bt_ptrs: vec![0; sites],
+            ranks: vec![0; sites],
+            scales: vec![0.0; sites],
+            max_rank: a.max_rank,
+            last_used: 0,
+        };
+        for (l, mods) in a.layers.iter().enumerate() {
+            for (m, w) in mods.iter().enumerate() {
+                let Some(w) = w else { continue };
+                let (da, dbt) = (b.upload(&f32_rows(&w.a))?, b.upload(&w.bt)?);
+                let site = l * MODULES + m;
+                d.a_ptrs[site] = b.address(&da);
+                d.bt_ptrs[site] = b.address(&dbt);
+                d.ranks[site] = w.r as i32;
+                d.scales[site] = w.scale;
+                d._bufs.extend([da, dbt]);
+            }
+        }
+        Ok(d)
+    }
+}
+
 pub struct CudaModel {
     pub backend: CudaBackend,
     pub config: ModelConfig,
@@ -49,6 +98,8 @@ pub struct CudaModel {
     v_cache: Vec<CudaSlice<f32>>,
     windowed: Vec<bool>,
     block_size: usize,
+    adapters: HashMap<AdapterId, DeviceAdapter>,
+    steps: u64,
 }
 
 fn f32_rows(l: &Linear) -> Vec<f32> {
@@ -117,6 +168,8 @@ impl CudaModel {
             v_cache,
             windowed: wind,
             block_size: layout.block_size,
+            adapters: HashMap::new(),
+            steps: 0,
             config: c,
             backend,
         };
@@ -124,11 +177,62 @@ impl CudaModel {
         Ok(m)
     }
 
+    /// The step's adapters as slot tables (uploading adapters seen for the first time).
+    fn lora_batch(&mut self, groups: &[AdapterRows<'_>]) -> Result<Option<LoraBatch>> {
+        if groups.is_empty() {
+            return Ok(None);
+        }
+        self.steps += 1;
+        let b = &self.backend;
+        for g in groups {
+            if !self.adapters.contains_key(&g.adapter.id) {
+                if self.adapters.len() >= MAX_DEVICE_ADAPTERS {
+                    let in_step = |id: &AdapterId| groups.iter().any(|g| g.adapter.id == *id);
+                    if let Some(old) = self.adapters.iter().filter(|(id, _)| !in_step(id)).min_by_key(|(_, d)| d.last_used).map(|(id, _)| *id) {
+                        self.adapters.remove(&old);
+                    }
+                }
+                self.adapters.insert(g.adapter.id, DeviceAdapter::upload(b, g.adapter)?);
+            }
+        }
+        let sites = self.layers.len() * MODULES;
+        let (mut a_ptrs, mut bt_ptrs, mut ranks, mut scales) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut seg_start, mut seg_len, mut seg_slot) = (Vec::new(), Vec::new(), Vec::new());
+        let mut max_rank = 0;
+        for (slot, g) in groups.iter().enumerate() {
+            let d = self.adapters.get_mut(&g.adapter.id).expect("uploaded above");
+            d.last_used = self.steps;
+            if d.a_ptrs.len() != sites {
+                return Err(EngineError::Device(format!("adapter {} has {} sites, the model {sites}", g.adapter.name, d.a_ptrs.len())));
+            }
+            a_ptrs.extend_from_slice(&d.a_ptrs);
+            bt_ptrs.extend_from_slice(&d.bt_ptrs);
+            ranks.extend_from_slice(&d.ranks);
+            scales.extend_from_slice(&d.scales);
+            max_rank = max_rank.max(d.max_rank);
+            for &(start, len) in &g.segments {
+                seg_start.push(start as i32);
+                seg_len.push(len as i32);
+                seg_slot.push(slot as i32);
+            }
+        }
+        Ok(Some(LoraBatch {
+            seg_start: b.upload(&seg_start)?,
+            seg_len: b.upload(&seg_len)?,
+            seg_slot: b.upload(&seg_slot)?,
+            a_ptrs: b.upload(&a_ptrs)?,
+            bt_ptrs: b.upload(&bt_ptrs)?,
+            ranks: b.upload(&ranks)?,
+            scales: b.upload(&scales)?,
+            sites,
+            num_segments: seg_start.len(),
+            max_rank,
+        }))
+    }
+
     /// One packed step; returns `[logits_rows.len(), vocab]` logits on the host.
     pub fn forward(&mut self, batch: &BatchInput<'_>) -> Result<Vec<f32>> {
-        if !batch.lora.is_empty() {
-            return Err(EngineError::Device("LoRA adapters are not wired into the CUDA forward yet".into()));
-        }
+        let lora = self.lora_batch(&batch.lora)?;
         let b = &self.backend;
         let c = &self.config;
         let v = &c.variant;
@@ -185,6 +289,13 @@ impl CudaModel {
         let (mut gate, mut up) = (b.zeros::<f32>(t * inter)?, b.zeros::<f32>(t * inter)?);
         let mut qn = b.zeros::<f32>(t * qd)?;
         let mut kn = b.zeros::<f32>(t * kvd)?;
+        let mut lt = b.zeros::<f32>(t * lora.as_ref().map_or(1, |l| l.max_rank.max(1)))?;
+        // Adds the step's adapters at (layer, module): y += scale (x A^T) B^T per segment.
+        let mut ad = |li: usize, m: Module, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>| -> Result<()> {
+            let Some(l) = &lora else { return Ok(()) };
+            let (out_dim, in_dim) = m.shape(c);
+            b.lora(x, y, &mut lt, l, LoraSite { site: li * MODULES + m as usize, in_dim, out_dim })
+        };
         b.rms_norm(&x, &self.layers[0].input_norm, &mut h, norm(hd))?;
         for li in 0..self.layers.len() {
             let layer = &self.layers[li];
@@ -192,6 +303,9 @@ impl CudaModel {
             layer.q.forward(b, &h, &mut q)?;
             layer.k.forward(b, &h, &mut k)?;
             layer.v.forward(b, &h, &mut vv)?;
+            ad(li, Module::Q, &h, &mut q)?;
+            ad(li, Module::K, &h, &mut k)?;
+            ad(li, Module::V, &h, &mut vv)?;
             if let Some(w) = &layer.q_norm {
                 b.rms_norm(&q, w, &mut qn, norm(c.head_dim))?;
                 std::mem::swap(&mut q, &mut qn);
@@ -213,6 +327,7 @@ impl CudaModel {
             b.paged_attention(&q, (&self.k_cache[li], &self.v_cache[li]), layer_plan, &p, self.alibi.as_ref(), &mut attn)?;
             let mut o = b.zeros::<f32>(t * hd)?;
             layer.o.forward(b, &attn, &mut o)?;
+            ad(li, Module::O, &attn, &mut o)?;
             if let Some(w) = &layer.attn_output_norm {
                 b.rms_norm(&o, w, &mut tmp, norm(hd))?;
                 b.add_rms_norm(&mut x, &tmp, &layer.post_norm, &mut h, norm(hd))?;
@@ -221,11 +336,14 @@ impl CudaModel {
             }
             layer.gate.forward(b, &h, &mut gate)?;
             layer.up.forward(b, &h, &mut up)?;
+            ad(li, Module::Gate, &h, &mut gate)?;
+            ad(li, Module::Up, &h, &mut up)?;
             match v.activation {
                 Activation::Silu => b.silu_mul(&mut gate, &up)?,
                 Activation::GeluTanh => b.gelu_tanh_mul(&mut gate, &up)?,
             }
             layer.down.forward(b, &gate, &mut o)?;
+            ad(li, Module::Down, &gate, &mut o)?;
             let next = self.layers.get(li + 1).map_or(&self.norm, |l| &l.input_norm);
             if let Some(w) = &layer.mlp_output_norm {
                 b.rms_norm(&o, w, &mut tmp, norm(hd))?;
