@@ -307,7 +307,7 @@ impl LlamaModel {
                 *lin = lin.quantized(q);
             }
         }
-        if q == Quantize::Int8 {
+        if matches!(q, Quantize::Int8 | Quantize::Act8) {
             self.lm_head = self.lm_head.quantized(q);
         }
     }

@@ -24,7 +24,7 @@ pub struct OfflineEngineArgs {
     /// Most tokens in one engine step (prefill chunk size for one stream).
     #[arg(long, env = "TESSERA_MAX_NUM_BATCHED_TOKENS", default_value_t = 512)]
     pub max_num_batched_tokens: usize,
-    /// Weight conversion at load: none, int8 or fp8 (as for `serve`).
+    /// Weight conversion at load: none, int8, fp8 or act8 (as for `serve`).
     #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
     pub quantize: engine::Quantize,
     /// Where the model runs: cpu, cuda or auto (as for `serve`).

@@ -80,8 +80,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TESSERA_THREADS")]
     pub threads: Option<usize>,
     /// Convert the linear layers' weights at load: none (keep the checkpoint's format),
-    /// int8 (per-channel INT8 weights, per-token INT8 activations) or fp8 (E4M3 weights
-    /// with per-channel scales).
+    /// int8 (per-channel INT8 weights, per-token INT8 activations), fp8 (E4M3 weights
+    /// with per-channel scales) or act8 (Q4_1 blocks kept, other formats to Q8_0 blocks,
+    /// INT8 activations: llama.cpp's arithmetic).
     #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
     pub quantize: engine::Quantize,
     /// Where the model runs: cpu, cuda (fails at start, saying why, without a usable

@@ -20,6 +20,7 @@ use std::cell::RefCell;
 
 use half::f16;
 
+use super::act8::{A8Format, A8Weight};
 use super::quant::{F8Weight, I8Weight};
 use crate::threadpool::ThreadPool;
 
@@ -41,6 +42,8 @@ pub enum Weight {
     I8(I8Weight),
     /// OCP FP8 E4M3 with a scale per output channel (`--quantize fp8`).
     F8(F8Weight),
+    /// GGUF blocks multiplied with INT8 activations (`--quantize act8`).
+    A8(A8Weight),
 }
 
 pub const QK: usize = 32;
@@ -55,6 +58,10 @@ impl Weight {
             Weight::Q5_0(_) => "q5_0",
             Weight::I8(_) => "int8",
             Weight::F8(_) => "fp8",
+            Weight::A8(w) => match w.format {
+                A8Format::Q4_1 => "q4_1+a8",
+                A8Format::Q8_0 => "q8_0+a8",
+            },
         }
     }
 
@@ -68,6 +75,7 @@ impl Weight {
             Weight::Q5_0(_) => k / QK * 22,
             Weight::I8(w) => w.kp + 4,
             Weight::F8(_) => k + 4,
+            Weight::A8(w) => w.row_bytes(k),
         }
     }
 
@@ -77,6 +85,7 @@ impl Weight {
             Weight::Q8_0(v) | Weight::Q4_0(v) | Weight::Q4_1(v) | Weight::Q5_0(v) => v.len(),
             Weight::I8(w) => w.q.len() + w.scale.len() * 4,
             Weight::F8(w) => w.q.len() + w.scale.len() * 4,
+            Weight::A8(w) => w.blocks.len(),
         }
     }
 
@@ -103,6 +112,7 @@ impl Weight {
             }
             Weight::I8(w) => w.dequant_rows(n0, k, out),
             Weight::F8(w) => w.dequant_rows(n0, k, out),
+            Weight::A8(w) => w.dequant_rows(n0, k, out),
         }
     }
 }
@@ -173,7 +183,7 @@ impl Linear {
     pub fn new(weight: Weight, out_features: usize, in_features: usize) -> crate::Result<Self> {
         let expect = match &weight {
             Weight::F32(v) => v.len() * 4,
-            Weight::I8(_) | Weight::F8(_) => weight.row_bytes(in_features) * out_features,
+            Weight::I8(_) | Weight::F8(_) | Weight::A8(_) => weight.row_bytes(in_features) * out_features,
             _ => {
                 if !in_features.is_multiple_of(QK) {
                     return Err(crate::EngineError::Load(format!(
@@ -209,6 +219,11 @@ impl Linear {
             Quantize::None => self.weight.clone(),
             Quantize::Int8 => Weight::I8(I8Weight::quantize(&dense(), n, k)),
             Quantize::Fp8 => Weight::F8(F8Weight::quantize(&dense(), n, k)),
+            // K not a multiple of 32 (no GGUF block format has that): per-channel INT8.
+            Quantize::Act8 => match A8Weight::from_weight(&self.weight, n, k) {
+                Some(w) => Weight::A8(w),
+                None => Weight::I8(I8Weight::quantize(&dense(), n, k)),
+            },
         };
         Linear { weight, out_features: n, in_features: k }
     }
@@ -242,6 +257,9 @@ pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Lin
     }
     if let Weight::I8(w) = &lin.weight {
         return super::quant::matmul_i8(kern, pool, x, k, w, n, y);
+    }
+    if let Weight::A8(w) = &lin.weight {
+        return super::act8::matmul_a8(super::quant::I8Kernel::for_kernel(kern), pool, x, k, w, n, y);
     }
     let nc = if m <= 16 { 16 } else { 64 };
     let tasks = n.div_ceil(nc);
@@ -857,6 +875,25 @@ mod portable {
     }
 }
 
+/// GGUF Q4_1 of rows whose length is a multiple of 32 (min/max per block), for tests.
+#[cfg(test)]
+pub(crate) fn quantize_q4_1(w: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for blk in w.chunks_exact(QK) {
+        let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        let d = (mx - mn) / 15.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(mn).to_le_bytes());
+        for j in 0..QK / 2 {
+            let q0 = ((blk[j] - mn) * id).round().clamp(0.0, 15.0) as u8;
+            let q1 = ((blk[j + 16] - mn) * id).round().clamp(0.0, 15.0) as u8;
+            out.push(q0 | (q1 << 4));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -910,35 +947,6 @@ mod tests {
         }
     }
 
-    fn quantize_q4_1(w: &[f32]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for blk in w.chunks_exact(QK) {
-            let (mn, mx) = blk.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-            let d = (mx - mn) / 15.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            out.extend_from_slice(&f16::from_f32(mn).to_le_bytes());
-            for j in 0..QK / 2 {
-                let q0 = ((blk[j] - mn) * id).round().clamp(0.0, 15.0) as u8;
-                let q1 = ((blk[j + 16] - mn) * id).round().clamp(0.0, 15.0) as u8;
-                out.push(q0 | (q1 << 4));
-            }
-        }
-        out
-    }
-
-    fn quantize_q8_0(w: &[f32]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for blk in w.chunks_exact(QK) {
-            let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            out.extend(blk.iter().map(|&v| ((v * id).round() as i8) as u8));
-        }
-        out
-    }
-
     /// Small batches expand quantized blocks in registers, large ones dequantize a strip
     /// first: both must give the same bits, on every instruction-set path.
     #[test]
@@ -949,7 +957,7 @@ mod tests {
             let dense = rand_vec(&mut rng, n * k);
             for weight in [
                 Weight::Q4_1(quantize_q4_1(&dense)),
-                Weight::Q8_0(quantize_q8_0(&dense)),
+                Weight::Q8_0(super::super::act8::quantize_q8_0(&dense)),
                 Weight::Q5_0(quantize_q5_0(&dense)),
                 Weight::F8(F8Weight::quantize(&dense, n, k)),
             ] {

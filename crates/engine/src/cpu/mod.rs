@@ -40,6 +40,7 @@ pub(crate) struct SyncPtr(pub *mut f32);
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
 
+pub mod act8;
 pub mod attention;
 pub mod matmul;
 pub mod ops;

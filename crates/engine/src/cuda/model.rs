@@ -122,7 +122,8 @@ impl CudaModel {
         let c = model.config.clone();
         let kind = match quantize {
             Quantize::None => GemmKind::F32,
-            Quantize::Int8 => GemmKind::Int8,
+            // act8's block formats are CPU kernels; INT8 GEMMs are the device's nearest.
+            Quantize::Int8 | Quantize::Act8 => GemmKind::Int8,
             Quantize::Fp8 => GemmKind::Fp8,
         };
         let b = &backend;

@@ -1,0 +1,533 @@
+//! `--quantize act8`: the checkpoint's 4-bit GGUF blocks kept as they are, activations
+//! quantized to INT8 on the fly, and integer dot products per block: llama.cpp's
+//! arithmetic for a decode step, which reads 20 bytes per 32 weights of Q4_1 instead of
+//! the 36 of per-channel INT8.
+//!
+//! Q4_1 layers stay Q4_1; every other layer (Q8_0, Q4_0, Q5_0, K-quants, f32) becomes
+//! Q8_0 blocks (`d = amax / 127` in f16, codes `round(w / d)`), the format llama.cpp
+//! pairs with its INT8 activations too. Activations are [`QuantActs`]: per token, groups
+//! of 32 with a scale each, outliers apart in f32 (as for `--quantize int8`).
+//!
+//! ```text
+//!   Q4_1 block j, group g:  w = d·q + m (q in 0..16)    Q8_0:  w = d·q (q in -127..=127)
+//!   y[i, j] = Σ_g (s_x[i,g]·d[j,g]) · (xq[i,g] · q[j,g])  +  Σ_g m[j,g] · (s_x[i,g] · Σ xq[i,g])
+//!             + Σ_outliers x · w[j, col]
+//! ```
+//!
+//! Each group's integer dot product is exact; the groups are summed in f32 in eight lanes
+//! (lane l holds codes 4l..4l+3) with one FMA each, the Q4_1 offsets in one scalar FMA
+//! chain, in the same order on every instruction-set path, so the paths agree bitwise.
+
+use std::cell::RefCell;
+
+use half::f16;
+
+use super::matmul::Weight;
+use super::quant::{I8Kernel, QuantActs, I8_ALIGN};
+use crate::threadpool::ThreadPool;
+
+/// The block formats the INT8-activation kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum A8Format {
+    /// `{d: f16, m: f16, qs: [u8; 16]}` (low nibbles: codes 0..16, high: 16..32).
+    Q4_1,
+    /// `{d: f16, qs: [i8; 32]}`.
+    Q8_0,
+}
+
+impl A8Format {
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            A8Format::Q4_1 => 20,
+            A8Format::Q8_0 => 34,
+        }
+    }
+}
+
+/// Weights `[N, K]` in a block format, for INT8 activations. K is a multiple of 32.
+#[derive(Debug, Clone)]
+pub struct A8Weight {
+    pub format: A8Format,
+    pub blocks: Vec<u8>,
+}
+
+impl A8Weight {
+    /// `w` as it will be read with INT8 activations: Q4_1 as it is, anything else as Q8_0
+    /// (dequantized first). `None` when K is not a multiple of 32.
+    pub fn from_weight(w: &Weight, n: usize, k: usize) -> Option<A8Weight> {
+        if !k.is_multiple_of(I8_ALIGN) {
+            return None;
+        }
+        if let Weight::Q4_1(b) = w {
+            return Some(A8Weight { format: A8Format::Q4_1, blocks: b.clone() });
+        }
+        let mut dense = vec![0f32; n * k];
+        w.dequant_rows(0, k, &mut dense);
+        Some(A8Weight { format: A8Format::Q8_0, blocks: quantize_q8_0(&dense) })
+    }
+
+    pub fn row_bytes(&self, k: usize) -> usize {
+        k / I8_ALIGN * self.format.block_bytes()
+    }
+
+    /// Element `col` of row `j`, as f32 (what an outlier activation multiplies).
+    fn at(&self, k: usize, j: usize, col: usize) -> f32 {
+        let blk = &self.blocks[j * self.row_bytes(k) + col / 32 * self.format.block_bytes()..];
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let i = col % 32;
+        match self.format {
+            A8Format::Q4_1 => {
+                let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                let q = if i < 16 { blk[4 + i] & 0x0f } else { blk[4 + i - 16] >> 4 };
+                d * q as f32 + m
+            }
+            A8Format::Q8_0 => d * (blk[2 + i] as i8) as f32,
+        }
+    }
+
+    /// Rows `n0 .. n0 + out.len() / k` as f32.
+    pub fn dequant_rows(&self, n0: usize, k: usize, out: &mut [f32]) {
+        for (r, row) in out.chunks_exact_mut(k).enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = self.at(k, n0 + r, c);
+            }
+        }
+    }
+}
+
+/// GGUF Q8_0 of rows whose length is a multiple of 32: per block `d = amax / 127` stored
+/// as f16, codes `round(w / d)` (as llama.cpp's reference quantizer).
+pub fn quantize_q8_0(w: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(w.len() / 32 * 34);
+    for blk in w.chunks_exact(32) {
+        let amax = blk.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(blk.iter().map(|&v| ((v * id).round() as i32).clamp(-127, 127) as i8 as u8));
+    }
+    out
+}
+
+thread_local! {
+    static ACTS: RefCell<(QuantActs, Vec<f32>)> = const { RefCell::new((QuantActs::new(), Vec::new())) };
+}
+
+/// `y[m, N] = x[m, K] · Wᵀ` with W in blocks and x quantized per token and group.
+pub fn matmul_a8(kern: I8Kernel, pool: &ThreadPool, x: &[f32], k: usize, w: &A8Weight, n: usize, y: &mut [f32]) {
+    ACTS.with(|a| {
+        let (acts, sums) = &mut *a.borrow_mut();
+        acts.quantize(x, k, k);
+        group_sums(acts, sums);
+        gemm_a8(kern, pool, acts, sums, w, n, y);
+    })
+}
+
+/// `s_x[i, g] · Σ xq[i, g]` for every row and group (the Q4_1 offsets multiply it).
+pub fn group_sums(a: &QuantActs, out: &mut Vec<f32>) {
+    out.clear();
+    for (codes, &s) in a.xq.chunks_exact(32).zip(&a.sx) {
+        out.push(s * codes.iter().map(|&c| c as i32).sum::<i32>() as f32);
+    }
+}
+
+/// The GEMM (see the module doc); `sums` from [`group_sums`].
+pub fn gemm_a8(kern: I8Kernel, pool: &ThreadPool, a: &QuantActs, sums: &[f32], w: &A8Weight, n: usize, y: &mut [f32]) {
+    let (m, kp) = (a.m, a.kp);
+    assert_eq!(y.len(), m * n);
+    assert_eq!(w.blocks.len(), n * w.row_bytes(kp));
+    if m == 0 {
+        return;
+    }
+    let nc = if m <= 16 { 16 } else { 64 };
+    let yp = super::SyncPtr(y.as_mut_ptr());
+    let rb = w.row_bytes(kp);
+    pool.run(n.div_ceil(nc), &|t| {
+        let n0 = t * nc;
+        let rows = nc.min(n - n0);
+        let _ = &yp;
+        let strip = A8Strip { w: w.blocks[n0 * rb..].as_ptr(), rb, xq0: a.xq.as_ptr(), sx: a.sx.as_ptr(), xs: sums.as_ptr(), kp };
+        // SAFETY: this task writes only columns n0..n0+rows of each row of y; xq holds m
+        // rows of kp codes, sx and xs their per-group values, the strip `rows` block rows.
+        unsafe {
+            let yt = yp.0.add(n0);
+            match (kern, w.format) {
+                #[cfg(target_arch = "x86_64")]
+                (I8Kernel::Avx2, A8Format::Q4_1) => x86::gemm_q4_1(&strip, m, rows, yt, n),
+                #[cfg(target_arch = "x86_64")]
+                (I8Kernel::Avx2, A8Format::Q8_0) => x86::gemm_q8_0(&strip, m, rows, yt, n),
+                (I8Kernel::Portable, A8Format::Q4_1) => portable::gemm_q4_1(&strip, m, rows, yt, n),
+                (I8Kernel::Portable, A8Format::Q8_0) => portable::gemm_q8_0(&strip, m, rows, yt, n),
+            }
+            let out = Outliers { a, w: &strip, format: w.format, rows, y: yt, ldy: n };
+            match kern {
+                #[cfg(target_arch = "x86_64")]
+                I8Kernel::Avx2 => x86::outliers(&out),
+                I8Kernel::Portable => out.add(|p| f16_at(p)),
+            }
+        }
+    });
+}
+
+/// The f32 side of the outlier activations of a strip: `y[i, c] += x · w[c, col]`, in the
+/// order found, `w` as [`A8Weight::at`] computes it.
+struct Outliers<'a> {
+    a: &'a QuantActs,
+    w: &'a A8Strip,
+    format: A8Format,
+    rows: usize,
+    y: *mut f32,
+    ldy: usize,
+}
+
+impl Outliers<'_> {
+    /// `half` reads an f16 (both ways are exact, so the paths agree bitwise).
+    #[inline(always)]
+    unsafe fn add(&self, half: impl Fn(*const u8) -> f32) {
+        let (a, bb) = (self.a, self.format.block_bytes());
+        for i in 0..a.m {
+            for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
+                let (g, e) = (col as usize / 32, col as usize % 32);
+                for c in 0..self.rows {
+                    let blk = self.w.w.add(c * self.w.rb + g * bb);
+                    let wv = match self.format {
+                        A8Format::Q4_1 => {
+                            let q = if e < 16 { *blk.add(4 + e) & 0x0f } else { *blk.add(4 + e - 16) >> 4 };
+                            half(blk) * q as f32 + half(blk.add(2))
+                        }
+                        A8Format::Q8_0 => half(blk) * (*blk.add(2 + e) as i8) as f32,
+                    };
+                    *self.y.add(i * self.ldy + c) += v * wv;
+                }
+            }
+        }
+    }
+}
+
+/// What a tile reads: a strip of block rows (`rb` bytes apart) and the activations.
+pub struct A8Strip {
+    pub w: *const u8,
+    pub rb: usize,
+    pub xq0: *const i8,
+    pub sx: *const f32,
+    pub xs: *const f32,
+    pub kp: usize,
+}
+
+impl A8Strip {
+    /// Group scales and group sums of the activation row that starts at `x`.
+    #[inline(always)]
+    unsafe fn row(&self, x: *const i8) -> (*const f32, *const f32) {
+        let row = (x.offset_from(self.xq0) as usize) / self.kp;
+        let g = row * (self.kp / 32);
+        (self.sx.add(g), self.xs.add(g))
+    }
+}
+
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    f16::from_le_bytes([*p, *p.add(1)]).to_f32()
+}
+
+/// Sum of eight lanes in the tree `quant::lane_sum` and the AVX2 paths use.
+#[inline(always)]
+fn lane_sum(a: [f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+#[allow(clippy::needless_range_loop)]
+mod portable {
+    use std::borrow::Borrow;
+
+    use super::{f16_at, lane_sum, A8Strip};
+
+    /// Code `e` (0..32) of a block's codes starting at `q`.
+    type Code = unsafe fn(*const u8, usize) -> i32;
+
+    unsafe fn q4_1_code(q: *const u8, e: usize) -> i32 {
+        if e < 16 {
+            (*q.add(e) & 0x0f) as i32
+        } else {
+            (*q.add(e - 16) >> 4) as i32
+        }
+    }
+
+    unsafe fn q8_0_code(q: *const u8, e: usize) -> i32 {
+        *q.add(e) as i8 as i32
+    }
+
+    #[inline(always)]
+    unsafe fn tile_fmt<const MR: usize, const NR: usize>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize, q41: bool) {
+        let (bb, qoff, code): (usize, usize, Code) = if q41 { (20, 4, q4_1_code) } else { (34, 2, q8_0_code) };
+        let mut acc = [[[0f32; 8]; NR]; MR];
+        let mut accm = [[0f32; NR]; MR];
+        let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
+        for g in 0..kp / 32 {
+            for c in 0..NR {
+                let blk = w.w.add((c0 + c) * w.rb + g * bb);
+                let d = f16_at(blk);
+                let q = blk.add(qoff);
+                for r in 0..MR {
+                    let xr = x.add(r * kp + g * 32);
+                    let s = *rows[r].0.add(g) * d;
+                    for l in 0..8 {
+                        let mut dot = 0i32;
+                        for e in 4 * l..4 * l + 4 {
+                            dot += code(q, e) * *xr.add(e) as i32;
+                        }
+                        acc[r][c][l] = (dot as f32).mul_add(s, acc[r][c][l]);
+                    }
+                    if q41 {
+                        accm[r][c] = f16_at(blk.add(2)).mul_add(*rows[r].1.add(g), accm[r][c]);
+                    }
+                }
+            }
+        }
+        for r in 0..MR {
+            for c in 0..NR {
+                *y.add(r * ldy + c) = lane_sum(acc[r][c]) + accm[r][c];
+            }
+        }
+    }
+
+    unsafe fn tile_q4_1<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        tile_fmt::<MR, NR>(x, kp, w.borrow(), c0, y, ldy, true)
+    }
+
+    unsafe fn tile_q8_0<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        tile_fmt::<MR, NR>(x, kp, w.borrow(), c0, y, ldy, false)
+    }
+
+    pub unsafe fn gemm_q4_1(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        tiled_driver!(tile_q4_1, 2, 4, x, m, kp, w, n, y, ldy)
+    }
+
+    pub unsafe fn gemm_q8_0(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        tiled_driver!(tile_q8_0, 2, 4, x, m, kp, w, n, y, ldy)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::borrow::Borrow;
+
+    use super::{lane_sum, A8Strip};
+
+    /// (d, m) of a block: its first four bytes as two f16, widened by F16C.
+    #[inline(always)]
+    unsafe fn dm(blk: *const u8) -> (f32, f32) {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v)))
+    }
+
+    /// Q4_1: the 32 nibbles as bytes in code order (low nibbles, then high), unsigned, in
+    /// `vpmaddubsw` against the signed activation codes (pairs stay within i16: 2 · 15 ·
+    /// 127); `vpmaddwd` widens to eight i32 lanes; one FMA each with `s_x · d`; the
+    /// offset `m` in a scalar FMA with the group sum.
+    #[inline(always)]
+    unsafe fn tile_q4_1<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        let w = w.borrow();
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm_set1_epi8(0x0f);
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let mut accm = [[0f32; NR]; MR];
+        let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
+        let pf = w.w.wrapping_add((c0 + NR) * w.rb);
+        for g in 0..kp / 32 {
+            for l in 0..(NR * 20).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * 20 * NR + l * 64) as *const i8);
+            }
+            let mut wv = [_mm256_setzero_si256(); NR];
+            let mut d = [(0f32, 0f32); NR];
+            for c in 0..NR {
+                let blk = w.w.add((c0 + c) * w.rb + g * 20);
+                d[c] = dm(blk);
+                let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
+                let lo = _mm_and_si128(q, low);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low);
+                wv[c] = _mm256_set_m128i(hi, lo);
+            }
+            for r in 0..MR {
+                let xv = _mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i);
+                let (sx, xs) = (*rows[r].0.add(g), *rows[r].1.add(g));
+                for c in 0..NR {
+                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xv), ones));
+                    acc[r][c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sx * d[c].0), acc[r][c]);
+                    accm[r][c] = d[c].1.mul_add(xs, accm[r][c]);
+                }
+            }
+        }
+        for r in 0..MR {
+            for c in 0..NR {
+                let mut a = [0f32; 8];
+                _mm256_storeu_ps(a.as_mut_ptr(), acc[r][c]);
+                *y.add(r * ldy + c) = lane_sum(a) + accm[r][c];
+            }
+        }
+    }
+
+    /// Q8_0: `|x|` times `sign(x) · w` in `vpmaddubsw`, as the INT8 kernel.
+    #[inline(always)]
+    unsafe fn tile_q8_0<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        let w = w.borrow();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
+        let pf = w.w.wrapping_add((c0 + NR) * w.rb);
+        for g in 0..kp / 32 {
+            for l in 0..(NR * 34).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * 34 * NR + l * 64) as *const i8);
+            }
+            let mut wv = [_mm256_setzero_si256(); NR];
+            let mut d = [0f32; NR];
+            for c in 0..NR {
+                let blk = w.w.add((c0 + c) * w.rb + g * 34);
+                d[c] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const u16).read_unaligned() as i32)));
+                wv[c] = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            }
+            for r in 0..MR {
+                let xv = _mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i);
+                let ax = _mm256_sign_epi8(xv, xv);
+                let sx = *rows[r].0.add(g);
+                for c in 0..NR {
+                    let prod = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[c], xv));
+                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+                    acc[r][c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sx * d[c]), acc[r][c]);
+                }
+            }
+        }
+        for r in 0..MR {
+            for c in 0..NR {
+                let mut a = [0f32; 8];
+                _mm256_storeu_ps(a.as_mut_ptr(), acc[r][c]);
+                *y.add(r * ldy + c) = lane_sum(a);
+            }
+        }
+    }
+
+    /// The outliers with F16C widening the block scales.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn outliers(o: &super::Outliers<'_>) {
+        o.add(|p| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32))))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_q4_1(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        if m == 1 {
+            tiled_driver!(tile_q4_1, 1, 4, x, m, kp, w, n, y, ldy)
+        } else {
+            tiled_driver!(tile_q4_1, 4, 2, x, m, kp, w, n, y, ldy)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_q8_0(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        if m == 1 {
+            tiled_driver!(tile_q8_0, 1, 4, x, m, kp, w, n, y, ldy)
+        } else {
+            tiled_driver!(tile_q8_0, 4, 2, x, m, kp, w, n, y, ldy)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Both formats, every path, against a scalar reference of the same arithmetic (exact
+    /// block dot products, FMAs per lane, the fixed lane tree, the offsets' FMA chain), on
+    /// the issue's odd shapes with outliers: the paths agree bitwise; the products stay
+    /// near the float products of the dequantized weights.
+    #[test]
+    fn every_act8_path_matches_the_scalar_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let pool = ThreadPool::new(2);
+        for &(m, k, n) in &[(1usize, 576usize, 49152usize), (3, 576, 1536), (17, 1536, 576), (128, 576, 192), (5, 64, 9), (2, 32, 70)] {
+            let dense: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let q41 = super::super::matmul::quantize_q4_1(&dense);
+            for w in [A8Weight { format: A8Format::Q4_1, blocks: q41.clone() }, A8Weight { format: A8Format::Q8_0, blocks: quantize_q8_0(&dense) }] {
+                let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                if k >= 64 {
+                    for i in (0..m).step_by(2) {
+                        x[i * k + (i * 7) % k] = 40.0;
+                    }
+                }
+                let mut acts = QuantActs::new();
+                acts.quantize(&x, k, k);
+                let mut sums = Vec::new();
+                group_sums(&acts, &mut sums);
+                let mut want = vec![0f32; m * n];
+                let bb = w.format.block_bytes();
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut lanes, mut accm) = ([0f32; 8], 0f32);
+                        for g in 0..k / 32 {
+                            let blk = &w.blocks[j * w.row_bytes(k) + g * bb..];
+                            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                            let s = acts.sx[i * k / 32 + g] * d;
+                            let code = |e: usize| -> i32 {
+                                match w.format {
+                                    A8Format::Q4_1 => (if e < 16 { blk[4 + e] & 0x0f } else { blk[4 + e - 16] >> 4 }) as i32,
+                                    A8Format::Q8_0 => blk[2 + e] as i8 as i32,
+                                }
+                            };
+                            for (l, lane) in lanes.iter_mut().enumerate() {
+                                let dot: i32 = (4 * l..4 * l + 4).map(|e| code(e) * acts.xq[i * k + g * 32 + e] as i32).sum();
+                                *lane = (dot as f32).mul_add(s, *lane);
+                            }
+                            if w.format == A8Format::Q4_1 {
+                                accm = f16::from_le_bytes([blk[2], blk[3]]).to_f32().mul_add(sums[i * k / 32 + g], accm);
+                            }
+                        }
+                        want[i * n + j] = lane_sum(lanes) + accm;
+                        for &(col, v) in &acts.outliers[acts.row_outliers[i]..acts.row_outliers[i + 1]] {
+                            want[i * n + j] += v * w.at(k, j, col as usize);
+                        }
+                    }
+                }
+                for kern in I8Kernel::available() {
+                    let mut y = vec![f32::NAN; m * n];
+                    gemm_a8(kern, &pool, &acts, &sums, &w, n, &mut y);
+                    assert_eq!(y, want, "{kern:?} {:?} m={m} k={k} n={n}", w.format);
+                }
+                let mut deq = vec![0f32; n * k];
+                w.dequant_rows(0, k, &mut deq);
+                for i in [0, m - 1] {
+                    for j in [0, n / 2, n - 1] {
+                        let exact: f32 = (0..k).map(|p| x[i * k + p] * deq[j * k + p]).sum();
+                        let tol = 0.02 * (k as f32).sqrt();
+                        assert!((want[i * n + j] - exact).abs() < tol, "{:?} m={m} k={k}: {} vs {exact}", w.format, want[i * n + j]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_1_blocks_dequantize_as_the_matmul_path_does() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+        let (n, k) = (3, 96);
+        let dense: Vec<f32> = (0..n * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let w = Weight::Q4_1(super::super::matmul::quantize_q4_1(&dense));
+        let a8 = A8Weight::from_weight(&w, n, k).unwrap();
+        assert_eq!(a8.format, A8Format::Q4_1);
+        let (mut want, mut got) = (vec![0f32; n * k], vec![0f32; n * k]);
+        w.dequant_rows(0, k, &mut want);
+        a8.dequant_rows(0, k, &mut got);
+        assert_eq!(got, want);
+        let q8 = A8Weight::from_weight(&Weight::F32(dense.clone()), n, k).unwrap();
+        assert_eq!(q8.format, A8Format::Q8_0);
+        q8.dequant_rows(0, k, &mut got);
+        for (g, d) in got.iter().zip(&dense) {
+            assert!((g - d).abs() <= 2.0 / 127.0 * 0.5 + 1e-3, "{g} vs {d}");
+        }
+        assert!(A8Weight::from_weight(&Weight::F32(vec![0.0; 2 * 33]), 2, 33).is_none());
+    }
+}
