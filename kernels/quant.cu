@@ -2,12 +2,17 @@
 // One block per token row. INT8: scale = amax / 127, codes round(x / scale) ties to even.
 // FP8: OCP E4M3 codes of x / scale with scale = amax / 448, as the CPU's f32_to_e4m3.
 
+// max |x| over a row of k, every thread of the block gets it.
+__device__ __forceinline__ float row_amax(const float* __restrict__ x, int k) {
+    float amax = 0.f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(x[i]));
+    return block_max(amax);
+}
+
 extern "C" __global__ void quantize_int8_rows(const float* __restrict__ x, signed char* __restrict__ q,
                                               float* __restrict__ scale, int k) {
     const size_t row = (size_t)blockIdx.x * k;
-    float amax = 0.f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(x[row + i]));
-    amax = block_max(amax);
+    const float amax = row_amax(x + row, k);
     // As quantize_row: an all-zero row has scale 0, a row with inf or NaN a NaN scale and
     // zero codes; a NaN element alone codes 0.
     const bool finite = amax <= 3.402823466e38f;
@@ -40,9 +45,7 @@ __device__ __forceinline__ unsigned char f32_to_e4m3(float x) {
 extern "C" __global__ void quantize_fp8_rows(const float* __restrict__ x, unsigned char* __restrict__ q,
                                              float* __restrict__ scale, int k) {
     const size_t row = (size_t)blockIdx.x * k;
-    float amax = 0.f;
-    for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(x[row + i]));
-    amax = block_max(amax);
+    const float amax = row_amax(x + row, k);
     // x / (amax / 448), as F8Weight::quantize does (IEEE division: NVRTC's default).
     const float s = amax / 448.f;
     for (int i = threadIdx.x; i < k; i += blockDim.x) q[row + i] = s > 0.f ? f32_to_e4m3(x[row + i] / s) : 0;

@@ -275,6 +275,22 @@ pub struct BatchInput<'a> {
     pub lora: Vec<AdapterRows<'a>>,
 }
 
+impl BatchInput<'_> {
+    /// The sequences as attention sees them, with their block tables in the main pool or
+    /// (`window`) in the sliding-window pool where they have one.
+    pub fn attn_seqs(&self, window: bool) -> Vec<SeqAttn<'_>> {
+        self.seqs
+            .iter()
+            .map(|s| SeqAttn {
+                query_start: s.query_start,
+                query_len: s.query_len,
+                context_len: s.context_len,
+                block_table: if window { s.window_block_table.unwrap_or(s.block_table) } else { s.block_table },
+            })
+            .collect()
+    }
+}
+
 /// Runs `f(row)` over the rows of a `[rows, width]` buffer in parallel chunks.
 fn par_rows(pool: &ThreadPool, buf: &mut [f32], width: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
     let rows = buf.len() / width.max(1);
@@ -329,21 +345,7 @@ impl LlamaModel {
         let (mut q, mut k, mut vv) = (vec![0f32; t * qd], vec![0f32; t * kvd], vec![0f32; t * kvd]);
         let mut attn = vec![0f32; t * qd];
         let (mut gate, mut up) = (vec![0f32; t * c.intermediate_size], vec![0f32; t * c.intermediate_size]);
-        let seqs: Vec<SeqAttn<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| SeqAttn { query_start: s.query_start, query_len: s.query_len, context_len: s.context_len, block_table: s.block_table })
-            .collect();
-        let window_seqs: Vec<SeqAttn<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| SeqAttn {
-                query_start: s.query_start,
-                query_len: s.query_len,
-                context_len: s.context_len,
-                block_table: s.window_block_table.unwrap_or(s.block_table),
-            })
-            .collect();
+        let (seqs, window_seqs) = (batch.attn_seqs(false), batch.attn_seqs(true));
         let eps = c.rms_norm_eps;
         for (li, layer) in self.layers.iter().enumerate() {
             let local = v.local_layers.get(li).copied().unwrap_or(false);

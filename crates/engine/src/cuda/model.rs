@@ -15,7 +15,7 @@ use super::backend::{CudaBackend, DeviceRope, LoraBatch, LoraSite, Norm};
 use super::gemm::GemmKind;
 use super::linear::DeviceLinear;
 use crate::config::Quantize;
-use crate::cpu::attention::{AttnParams, SeqAttn};
+use crate::cpu::attention::AttnParams;
 use crate::cpu::matmul::Linear;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvLayout;
@@ -247,21 +247,7 @@ impl CudaModel {
             Some(w) => Some(b.upload(&w.iter().map(|&s| s as i32).collect::<Vec<_>>())?),
             None => None,
         };
-        let seqs: Vec<SeqAttn<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| SeqAttn { query_start: s.query_start, query_len: s.query_len, context_len: s.context_len, block_table: s.block_table })
-            .collect();
-        let wseqs: Vec<SeqAttn<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| SeqAttn {
-                query_start: s.query_start,
-                query_len: s.query_len,
-                context_len: s.context_len,
-                block_table: s.window_block_table.unwrap_or(s.block_table),
-            })
-            .collect();
+        let (seqs, wseqs) = (batch.attn_seqs(false), batch.attn_seqs(true));
         let params = |local: bool| AttnParams {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
