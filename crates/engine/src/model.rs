@@ -6,7 +6,7 @@
 //! sequence through the paged KV cache.
 
 use crate::cpu::attention::{paged_attention, AttnParams, SeqAttn};
-use crate::cpu::matmul::Linear;
+use crate::cpu::matmul::{matmul_many, Linear};
 use crate::cpu::ops::{self, Rope};
 use crate::kv_cache::KvCache;
 use crate::lora::{self, AdapterRows, Module};
@@ -361,9 +361,7 @@ impl LlamaModel {
             };
             ops::rms_norm(&x, &layer.input_layernorm, eps, v.norm_offset, &mut h);
             let a = &layer.self_attn;
-            a.q_proj.forward(pool, &h, t, &mut q);
-            a.k_proj.forward(pool, &h, t, &mut k);
-            a.v_proj.forward(pool, &h, t, &mut vv);
+            matmul_many(pool, &h, t, &mut [(&a.q_proj, &mut q), (&a.k_proj, &mut k), (&a.v_proj, &mut vv)]);
             let ad = |m: Module, x: &[f32], y: &mut [f32]| lora::apply(pool, &batch.lora, li, m, x, y);
             ad(Module::Q, &h, &mut q);
             ad(Module::K, &h, &mut k);
@@ -400,8 +398,7 @@ impl LlamaModel {
             }
             ops::add_inplace(&mut x, &h);
             ops::rms_norm(&x, &layer.post_attention_layernorm, eps, v.norm_offset, &mut h);
-            layer.mlp.gate_proj.forward(pool, &h, t, &mut gate);
-            layer.mlp.up_proj.forward(pool, &h, t, &mut up);
+            matmul_many(pool, &h, t, &mut [(&layer.mlp.gate_proj, &mut gate), (&layer.mlp.up_proj, &mut up)]);
             ad(Module::Gate, &h, &mut gate);
             ad(Module::Up, &h, &mut up);
             let inter = c.intermediate_size;

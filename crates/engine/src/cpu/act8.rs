@@ -115,11 +115,16 @@ thread_local! {
 
 /// `y[m, N] = x[m, K] · Wᵀ` with W in blocks and x quantized per token and group.
 pub fn matmul_a8(kern: I8Kernel, pool: &ThreadPool, x: &[f32], k: usize, w: &A8Weight, n: usize, y: &mut [f32]) {
+    with_acts(x, k, |acts, sums| gemm_a8(kern, pool, acts, sums, w, n, y))
+}
+
+/// `f` on `x[m, k]` quantized, with its [`group_sums`] (per-thread buffers).
+pub fn with_acts<R>(x: &[f32], k: usize, f: impl FnOnce(&QuantActs, &[f32]) -> R) -> R {
     ACTS.with(|a| {
         let (acts, sums) = &mut *a.borrow_mut();
         acts.quantize(x, k, k);
         group_sums(acts, sums);
-        gemm_a8(kern, pool, acts, sums, w, n, y);
+        f(acts, sums)
     })
 }
 
@@ -133,40 +138,45 @@ pub fn group_sums(a: &QuantActs, out: &mut Vec<f32>) {
 
 /// The GEMM (see the module doc); `sums` from [`group_sums`].
 pub fn gemm_a8(kern: I8Kernel, pool: &ThreadPool, a: &QuantActs, sums: &[f32], w: &A8Weight, n: usize, y: &mut [f32]) {
-    let (m, kp) = (a.m, a.kp);
-    assert_eq!(y.len(), m * n);
-    assert_eq!(w.blocks.len(), n * w.row_bytes(kp));
-    if m == 0 {
+    assert_eq!(y.len(), a.m * n);
+    assert_eq!(w.blocks.len(), n * w.row_bytes(a.kp));
+    if a.m == 0 {
         return;
     }
-    let nc = if m <= 16 { 16 } else { 64 };
+    let nc = super::matmul::col_chunk(a.m);
     let yp = super::SyncPtr(y.as_mut_ptr());
-    let rb = w.row_bytes(kp);
     pool.run(n.div_ceil(nc), &|t| {
         let n0 = t * nc;
-        let rows = nc.min(n - n0);
         let _ = &yp;
-        let strip = A8Strip { w: w.blocks[n0 * rb..].as_ptr(), rb, xq0: a.xq.as_ptr(), sx: a.sx.as_ptr(), xs: sums.as_ptr(), kp };
-        // SAFETY: this task writes only columns n0..n0+rows of each row of y; xq holds m
-        // rows of kp codes, sx and xs their per-group values, the strip `rows` block rows.
-        unsafe {
-            let yt = yp.0.add(n0);
-            match (kern, w.format) {
-                #[cfg(target_arch = "x86_64")]
-                (I8Kernel::Avx2, A8Format::Q4_1) => x86::gemm_q4_1(&strip, m, rows, yt, n),
-                #[cfg(target_arch = "x86_64")]
-                (I8Kernel::Avx2, A8Format::Q8_0) => x86::gemm_q8_0(&strip, m, rows, yt, n),
-                (I8Kernel::Portable, A8Format::Q4_1) => portable::gemm_q4_1(&strip, m, rows, yt, n),
-                (I8Kernel::Portable, A8Format::Q8_0) => portable::gemm_q8_0(&strip, m, rows, yt, n),
-            }
-            let out = Outliers { a, w: &strip, format: w.format, rows, y: yt, ldy: n };
-            match kern {
-                #[cfg(target_arch = "x86_64")]
-                I8Kernel::Avx2 => x86::outliers(&out),
-                I8Kernel::Portable => out.add(|p| f16_at(p)),
-            }
-        }
+        // SAFETY: this task writes only columns n0..n0+rows of each row of y.
+        unsafe { gemm_a8_cols(kern, (a, sums), w, n, n0, nc.min(n - n0), yp.0) }
     });
+}
+
+/// Columns `n0 .. n0 + rows` of `y[m, n]` (one pool task of [`gemm_a8`]).
+///
+/// # Safety
+/// `y` holds `m` rows of `n`; nothing else writes these columns meanwhile.
+pub(crate) unsafe fn gemm_a8_cols(kern: I8Kernel, (a, sums): (&QuantActs, &[f32]), w: &A8Weight, n: usize, n0: usize, rows: usize, y: *mut f32) {
+    let (m, kp) = (a.m, a.kp);
+    let rb = w.row_bytes(kp);
+    let strip = A8Strip { w: w.blocks[n0 * rb..].as_ptr(), rb, xq0: a.xq.as_ptr(), sx: a.sx.as_ptr(), xs: sums.as_ptr(), kp };
+    // xq holds m rows of kp codes, sx and xs their per-group values, the strip `rows` block rows.
+    let yt = y.add(n0);
+    match (kern, w.format) {
+        #[cfg(target_arch = "x86_64")]
+        (I8Kernel::Avx2, A8Format::Q4_1) => x86::gemm_q4_1(&strip, m, rows, yt, n),
+        #[cfg(target_arch = "x86_64")]
+        (I8Kernel::Avx2, A8Format::Q8_0) => x86::gemm_q8_0(&strip, m, rows, yt, n),
+        (I8Kernel::Portable, A8Format::Q4_1) => portable::gemm_q4_1(&strip, m, rows, yt, n),
+        (I8Kernel::Portable, A8Format::Q8_0) => portable::gemm_q8_0(&strip, m, rows, yt, n),
+    }
+    let out = Outliers { a, w: &strip, format: w.format, rows, y: yt, ldy: n };
+    match kern {
+        #[cfg(target_arch = "x86_64")]
+        I8Kernel::Avx2 => x86::outliers(&out),
+        I8Kernel::Portable => out.add(|p| f16_at(p)),
+    }
 }
 
 /// The f32 side of the outlier activations of a strip: `y[i, c] += x · w[c, col]`, in the

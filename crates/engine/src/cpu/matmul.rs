@@ -261,32 +261,112 @@ pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Lin
     if let Weight::A8(w) = &lin.weight {
         return super::act8::matmul_a8(super::quant::I8Kernel::for_kernel(kern), pool, x, k, w, n, y);
     }
-    let nc = if m <= 16 { 16 } else { 64 };
-    let tasks = n.div_ceil(nc);
+    let nc = col_chunk(m);
     let yp = super::SyncPtr(y.as_mut_ptr());
-    pool.run(tasks, &|t| {
+    pool.run(n.div_ceil(nc), &|t| {
         let n0 = t * nc;
-        let rows = nc.min(n - n0);
         let _ = &yp;
-        // SAFETY: this task writes only columns n0..n0+rows of each row of y, which no
-        // other task writes; x and the weight rows are valid for the sizes given.
-        let args = GemmArgs { x: x.as_ptr(), m, k, y: unsafe { yp.0.add(n0) }, ldy: n };
-        if m <= FUSED_MAX_M && unsafe { kern.run_fused(&args, &lin.weight, n0, rows) } {
-            return;
-        }
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < rows * k {
-                s.resize(rows * k, 0.0);
-            }
-            let strip = &mut s[..rows * k];
-            kern.dequant(&lin.weight, n0, k, strip);
-            let _ = &yp;
-            // SAFETY: this task writes only columns n0..n0+rows of each row of y, which
-            // no other task writes; x and the strip are valid for the sizes given.
-            unsafe { kern.run(&args, strip.as_ptr(), rows) };
-        });
+        // SAFETY: this task writes only columns n0..n0+rows of each row of y.
+        unsafe { plain_cols(kern, lin, x, m, n0, nc.min(n - n0), yp.0) }
     });
+}
+
+/// Output columns per pool task.
+pub(crate) fn col_chunk(m: usize) -> usize {
+    if m <= 16 {
+        16
+    } else {
+        64
+    }
+}
+
+/// Columns `n0 .. n0 + rows` of `y[m, N]` for f32 activations (one pool task of
+/// [`matmul_on`]): small batches expand the weights in registers, larger ones dequantize
+/// a strip once and reuse it for every row.
+///
+/// # Safety
+/// `y` holds `m` rows of `lin.out_features`; nothing else writes these columns meanwhile.
+unsafe fn plain_cols(kern: Kernel, lin: &Linear, x: &[f32], m: usize, n0: usize, rows: usize, y: *mut f32) {
+    let (n, k) = (lin.out_features, lin.in_features);
+    let args = GemmArgs { x: x.as_ptr(), m, k, y: y.add(n0), ldy: n };
+    if m <= FUSED_MAX_M && kern.run_fused(&args, &lin.weight, n0, rows) {
+        return;
+    }
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < rows * k {
+            s.resize(rows * k, 0.0);
+        }
+        let strip = &mut s[..rows * k];
+        kern.dequant(&lin.weight, n0, k, strip);
+        // x and the strip are valid for the sizes given.
+        kern.run(&args, strip.as_ptr(), rows);
+    });
+}
+
+/// `y_i[m, N_i] = x[m, K] · W_iᵀ` for several layers that read the same `x` (q/k/v,
+/// gate/up): one pool dispatch for all their columns and, for the INT8-activation
+/// formats, one quantization of `x`. The same bits as one [`matmul`] per layer (each
+/// column is computed by the same task code); layers of different kinds run one by one.
+pub fn matmul_many(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Linear, &mut [f32])]) {
+    use super::quant::I8Kernel;
+    let kern = Kernel::detect();
+    let Some(k) = outs.first().map(|o| o.0.in_features) else { return };
+    for (lin, y) in outs.iter() {
+        assert_eq!(lin.in_features, k, "matmul_many: layers read different widths");
+        assert_eq!(y.len(), m * lin.out_features, "matmul_many: y is not [{m}, {}]", lin.out_features);
+    }
+    assert_eq!(x.len(), m * k, "matmul_many: x is not [{m}, {k}]");
+    if m == 0 {
+        return;
+    }
+    #[derive(PartialEq)]
+    enum Kind {
+        Plain,
+        I8(usize),
+        A8,
+    }
+    let kind = |w: &Weight| match w {
+        Weight::I8(w) => Kind::I8(w.kp),
+        Weight::A8(_) => Kind::A8,
+        _ => Kind::Plain,
+    };
+    let first = kind(&outs[0].0.weight);
+    if outs.len() == 1 || outs.iter().any(|o| kind(&o.0.weight) != first) {
+        for (lin, y) in outs.iter_mut() {
+            matmul_on(kern, pool, x, m, lin, y);
+        }
+        return;
+    }
+    let nc = col_chunk(m);
+    let lins: Vec<&Linear> = outs.iter().map(|o| o.0).collect();
+    let ys: Vec<super::SyncPtr> = outs.iter_mut().map(|o| super::SyncPtr(o.1.as_mut_ptr())).collect();
+    let tasks: Vec<(usize, usize)> =
+        lins.iter().enumerate().flat_map(|(i, l)| (0..l.out_features).step_by(nc).map(move |n0| (i, n0))).collect();
+    let run = |body: &(dyn Fn(&Linear, usize, usize, *mut f32) + Sync)| {
+        pool.run(tasks.len(), &|t| {
+            let (i, n0) = tasks[t];
+            let _ = &ys;
+            body(lins[i], n0, nc.min(lins[i].out_features - n0), ys[i].0)
+        })
+    };
+    let k8 = I8Kernel::for_kernel(kern);
+    // SAFETY (every body): task t writes only columns n0..n0+rows of layer i's output.
+    match first {
+        Kind::Plain => run(&|lin, n0, rows, y| unsafe { plain_cols(kern, lin, x, m, n0, rows, y) }),
+        Kind::I8(kp) => super::quant::with_acts(x, k, kp, |acts| {
+            run(&|lin, n0, rows, y| {
+                let Weight::I8(w) = &lin.weight else { unreachable!("checked: every layer is INT8") };
+                unsafe { super::quant::gemm_i8_cols(k8, acts, w, lin.out_features, n0, rows, y) }
+            })
+        }),
+        Kind::A8 => super::act8::with_acts(x, k, |acts, sums| {
+            run(&|lin, n0, rows, y| {
+                let Weight::A8(w) = &lin.weight else { unreachable!("checked: every layer is act8") };
+                unsafe { super::act8::gemm_a8_cols(k8, (acts, sums), w, lin.out_features, n0, rows, y) }
+            })
+        }),
+    }
 }
 
 /// The activation side of one kernel call: `x[m, k]` in, `y` rows of stride `ldy` out.
@@ -944,6 +1024,43 @@ mod tests {
             let mut one = vec![0f32; n];
             matmul(&pool, &x[i * k..(i + 1) * k], 1, &lin, &mut one);
             assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
+        }
+    }
+
+    /// One dispatch for several layers gives the bits of one matmul per layer, for every
+    /// kind (f32 and GGUF blocks, INT8, act8) and for layers of mixed kinds.
+    #[test]
+    fn matmul_many_equals_one_matmul_per_layer() {
+        use crate::config::Quantize;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let pool = ThreadPool::new(2);
+        let k = 576;
+        let base: Vec<Linear> = [576usize, 192, 192]
+            .iter()
+            .map(|&n| Linear::new(Weight::Q4_1(quantize_q4_1(&rand_vec(&mut rng, n * k))), n, k).unwrap())
+            .collect();
+        for m in [1usize, 3, 37] {
+            let mut x = rand_vec(&mut rng, m * k);
+            x[5] = 30.0; // an outlier for the INT8-activation kinds
+            for q in [Quantize::None, Quantize::Int8, Quantize::Act8] {
+                let lins: Vec<Linear> = base.iter().map(|l| l.quantized(q)).collect();
+                let mut mixed = lins.clone();
+                mixed[1] = Linear::new(Weight::F32(rand_vec(&mut rng, 192 * k)), 192, k).unwrap();
+                for set in [&lins, &mixed] {
+                    let want: Vec<Vec<f32>> = set
+                        .iter()
+                        .map(|l| {
+                            let mut y = vec![0f32; m * l.out_features];
+                            matmul(&pool, &x, m, l, &mut y);
+                            y
+                        })
+                        .collect();
+                    let mut got: Vec<Vec<f32>> = set.iter().map(|l| vec![f32::NAN; m * l.out_features]).collect();
+                    let mut outs: Vec<(&Linear, &mut [f32])> = set.iter().zip(got.iter_mut()).map(|(l, y)| (l, y.as_mut_slice())).collect();
+                    matmul_many(&pool, &x, m, &mut outs);
+                    assert_eq!(got, want, "{q:?} m={m}");
+                }
+            }
         }
     }
 

@@ -265,10 +265,15 @@ impl QuantActs {
 /// `y[m, N] = x[m, K] · Wᵀ` with W in INT8 and x quantized per token and group.
 /// `x` holds whole rows of `k`.
 pub fn matmul_i8(kern: Kernel, pool: &ThreadPool, x: &[f32], k: usize, w: &I8Weight, n: usize, y: &mut [f32]) {
+    with_acts(x, k, w.kp, |acts| gemm_i8(I8Kernel::for_kernel(kern), pool, acts, w, n, y))
+}
+
+/// `f` on `x[m, k]` quantized for weights of row stride `kp` (a per-thread buffer).
+pub fn with_acts<R>(x: &[f32], k: usize, kp: usize, f: impl FnOnce(&QuantActs) -> R) -> R {
     ACTS.with(|acts| {
         let mut acts = acts.borrow_mut();
-        acts.quantize(x, k, w.kp);
-        gemm_i8(I8Kernel::for_kernel(kern), pool, &acts, w, n, y);
+        acts.quantize(x, k, kp);
+        f(&acts)
     })
 }
 
@@ -279,38 +284,43 @@ pub fn matmul_i8(kern: Kernel, pool: &ThreadPool, x: &[f32], k: usize, w: &I8Wei
 /// `x[i, c]` adds `x[i, c] · (s_w[j] · wq[j, c])` in the order found. Every path does
 /// exactly this, so they agree bitwise.
 pub fn gemm_i8(kern: I8Kernel, pool: &ThreadPool, a: &QuantActs, w: &I8Weight, n: usize, y: &mut [f32]) {
-    let (m, kp) = (a.m, w.kp);
-    assert_eq!(a.kp, kp);
-    assert_eq!(y.len(), m * n);
-    if m == 0 {
+    assert_eq!(a.kp, w.kp);
+    assert_eq!(y.len(), a.m * n);
+    if a.m == 0 {
         return;
     }
-    let nc = if m <= 16 { 16 } else { 64 };
+    let nc = super::matmul::col_chunk(a.m);
     let yp = super::SyncPtr(y.as_mut_ptr());
     pool.run(n.div_ceil(nc), &|t| {
         let n0 = t * nc;
-        let rows = nc.min(n - n0);
         let _ = &yp;
-        let strip = I8Strip { q: w.q[n0 * kp..].as_ptr(), s: w.scale[n0..].as_ptr(), xq0: a.xq.as_ptr(), sx: a.sx.as_ptr(), kp };
-        // SAFETY: this task writes only columns n0..n0+rows of each row of y; xq holds
-        // m rows of kp codes, sx their group scales, and the strip `rows` rows of kp codes.
-        unsafe {
-            let yt = yp.0.add(n0);
-            match kern {
-                #[cfg(target_arch = "x86_64")]
-                I8Kernel::Avx2 => x86::gemm(&strip, m, rows, yt, n),
-                I8Kernel::Portable => portable::gemm(&strip, m, rows, yt, n),
-            }
-            for i in 0..m {
-                for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
-                    for c in 0..rows {
-                        let j = n0 + c;
-                        *yt.add(i * n + c) += v * (w.scale[j] * w.q[j * kp + col as usize] as f32);
-                    }
-                }
+        // SAFETY: this task writes only columns n0..n0+rows of each row of y.
+        unsafe { gemm_i8_cols(kern, a, w, n, n0, nc.min(n - n0), yp.0) }
+    });
+}
+
+/// Columns `n0 .. n0 + rows` of `y[m, n]` (one pool task of [`gemm_i8`]).
+///
+/// # Safety
+/// `y` holds `m` rows of `n`; nothing else writes these columns meanwhile.
+pub(crate) unsafe fn gemm_i8_cols(kern: I8Kernel, a: &QuantActs, w: &I8Weight, n: usize, n0: usize, rows: usize, y: *mut f32) {
+    let (m, kp) = (a.m, w.kp);
+    let strip = I8Strip { q: w.q[n0 * kp..].as_ptr(), s: w.scale[n0..].as_ptr(), xq0: a.xq.as_ptr(), sx: a.sx.as_ptr(), kp };
+    // xq holds m rows of kp codes, sx their group scales, the strip `rows` rows of kp codes.
+    let yt = y.add(n0);
+    match kern {
+        #[cfg(target_arch = "x86_64")]
+        I8Kernel::Avx2 => x86::gemm(&strip, m, rows, yt, n),
+        I8Kernel::Portable => portable::gemm(&strip, m, rows, yt, n),
+    }
+    for i in 0..m {
+        for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
+            for c in 0..rows {
+                let j = n0 + c;
+                *yt.add(i * n + c) += v * (w.scale[j] * w.q[j * kp + col as usize] as f32);
             }
         }
-    });
+    }
 }
 
 /// What a tile kernel reads: a strip of INT8 weight rows with their scales, and the
