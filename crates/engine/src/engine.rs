@@ -46,7 +46,9 @@ impl Engine {
     /// Starts the engine thread on a model already in memory (`cfg.model` is not read),
     /// on `backend` when there is one (else the CPU).
     fn from_loaded(cfg: EngineConfig, loaded: loader::Loaded, backend: Backend) -> Result<EngineHandle> {
-        let (model, tokenizer) = (loaded.model, Arc::new(loaded.tokenizer));
+        // Mutable for the CUDA build's fallback to the CPU (quantized then).
+        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+        let (mut model, tokenizer) = (loaded.model, Arc::new(loaded.tokenizer));
         let mc = &model.config;
         if cfg.block_size == 0 {
             return Err(EngineError::Load("block_size must be at least 1".into()));
@@ -65,6 +67,33 @@ impl Engine {
         let plan = plan_kv(&cfg, &model.config)?;
         let (per_token, num_blocks) = (plan.full_bytes_per_token, plan.full_blocks);
         let layout = KvLayout { num_layers: mc.num_layers, num_blocks, block_size: cfg.block_size, num_kv_heads: mc.num_kv_heads, head_dim: mc.head_dim };
+        let cpu = |model: &mut LlamaModel| {
+            model.quantize(cfg.quantize);
+            Runner::Cpu(KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers))
+        };
+        let runner = match backend {
+            // The host model was quantized at load already.
+            None => Runner::Cpu(KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers)),
+            #[cfg(feature = "cuda")]
+            Some(b) => {
+                match crate::cuda::model::CudaModel::new(b, &model, cfg.quantize, layout, (plan.window_blocks, &plan.windowed_layers)) {
+                    Ok(m) => Runner::Cuda(Box::new(m)),
+                    // The device opened but cannot hold or run this model (memory, FP8 on
+                    // an older card, ...): `auto` still means "else the CPU".
+                    Err(e) if cfg.device == crate::config::Device::Auto => {
+                        tracing::warn!("--device auto: {e}; running on the CPU");
+                        cpu(&mut model)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            Some(never) => {
+                let _ = cpu;
+                match never {}
+            }
+        };
+        let mc = &model.config;
         let chat_template = match tokenizer.chat_template() {
             Some(src) => {
                 let tok_text = |id: Option<u32>| id.map(|i| tokenizer.token_str(i)).unwrap_or_default();
@@ -112,19 +141,6 @@ impl Engine {
         let sched = match plan.window {
             Some(w) => sched.with_window_pool(plan.window_blocks, w),
             None => sched,
-        };
-        let runner = match backend {
-            None => Runner::Cpu(KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers)),
-            #[cfg(feature = "cuda")]
-            Some(b) => Runner::Cuda(Box::new(crate::cuda::model::CudaModel::new(
-                b,
-                &model,
-                cfg.quantize,
-                layout,
-                (plan.window_blocks, &plan.windowed_layers),
-            )?)),
-            #[cfg(not(feature = "cuda"))]
-            Some(never) => match never {},
         };
         let mut lp = EngineLoop {
             pool: ThreadPool::new(cfg.threads.max(1)),

@@ -183,7 +183,8 @@ impl Linear {
     pub fn new(weight: Weight, out_features: usize, in_features: usize) -> crate::Result<Self> {
         let expect = match &weight {
             Weight::F32(v) => v.len() * 4,
-            Weight::I8(_) | Weight::F8(_) | Weight::A8(_) => weight.row_bytes(in_features) * out_features,
+            // What the weight holds, against what its shape needs (below).
+            Weight::I8(_) | Weight::F8(_) => weight.storage_bytes(),
             _ => {
                 if !in_features.is_multiple_of(QK) {
                     return Err(crate::EngineError::Load(format!(
@@ -351,6 +352,13 @@ pub fn matmul_many(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Linear,
         })
     };
     let k8 = I8Kernel::for_kernel(kern);
+    for lin in &lins {
+        match &lin.weight {
+            Weight::I8(w) => assert_eq!(w.q.len(), lin.out_features * w.kp, "INT8 weight of the wrong size"),
+            Weight::A8(w) => assert_eq!(w.blocks.len(), lin.out_features * w.row_bytes(k), "act8 weight of the wrong size"),
+            _ => {}
+        }
+    }
     // SAFETY (every body): task t writes only columns n0..n0+rows of layer i's output.
     match first {
         Kind::Plain => run(&|lin, n0, rows, y| unsafe { plain_cols(kern, lin, x, m, n0, rows, y) }),
@@ -394,7 +402,12 @@ impl Kernel {
     pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c") {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("f16c")
+                // Its INT8 and act8 GEMMs are the AVX2 kernels.
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return Kernel::Avx512;
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
@@ -409,7 +422,12 @@ impl Kernel {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c") {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("f16c")
+                // Its INT8 and act8 GEMMs are the AVX2 kernels.
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 v.push(Kernel::Avx512);
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {

@@ -120,6 +120,9 @@ impl CudaModel {
         (window_blocks, windowed): (usize, &[bool]),
     ) -> Result<CudaModel> {
         let c = model.config.clone();
+        if quantize == Quantize::Act8 {
+            tracing::warn!("--quantize act8 has no block kernels on CUDA: INT8 weights per channel and per-token activations instead");
+        }
         let kind = match quantize {
             Quantize::None => GemmKind::F32,
             // act8's block formats are CPU kernels; INT8 GEMMs are the device's nearest.
