@@ -42,6 +42,35 @@ impl A8Format {
             A8Format::Q8_0 => 34,
         }
     }
+
+    /// Element `e` (0..32) of the block at `blk` as f32 (`d·q + m`, `d·q`); `half` widens
+    /// an f16 (every way is exact, so the paths agree bitwise).
+    ///
+    /// # Safety
+    /// `blk` points to a whole block of this format.
+    #[inline(always)]
+    unsafe fn value(self, blk: *const u8, e: usize, half: impl Fn(*const u8) -> f32) -> f32 {
+        match self {
+            A8Format::Q4_1 => half(blk) * q4_1_code(blk.add(4), e) as f32 + half(blk.add(2)),
+            A8Format::Q8_0 => half(blk) * q8_0_code(blk.add(2), e) as f32,
+        }
+    }
+}
+
+/// Code `e` (0..32) of a Q4_1 block's nibbles starting at `q`: low nibbles, then high.
+#[inline(always)]
+unsafe fn q4_1_code(q: *const u8, e: usize) -> i32 {
+    if e < 16 {
+        (*q.add(e) & 0x0f) as i32
+    } else {
+        (*q.add(e - 16) >> 4) as i32
+    }
+}
+
+/// Code `e` of a Q8_0 block's codes starting at `q`.
+#[inline(always)]
+unsafe fn q8_0_code(q: *const u8, e: usize) -> i32 {
+    *q.add(e) as i8 as i32
 }
 
 /// Weights `[N, K]` in a block format, for INT8 activations. K is a multiple of 32.
@@ -72,17 +101,10 @@ impl A8Weight {
 
     /// Element `col` of row `j`, as f32 (what an outlier activation multiplies).
     fn at(&self, k: usize, j: usize, col: usize) -> f32 {
-        let blk = &self.blocks[j * self.row_bytes(k) + col / 32 * self.format.block_bytes()..];
-        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        let i = col % 32;
-        match self.format {
-            A8Format::Q4_1 => {
-                let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-                let q = if i < 16 { blk[4 + i] & 0x0f } else { blk[4 + i - 16] >> 4 };
-                d * q as f32 + m
-            }
-            A8Format::Q8_0 => d * (blk[2 + i] as i8) as f32,
-        }
+        let start = j * self.row_bytes(k) + col / 32 * self.format.block_bytes();
+        let blk = &self.blocks[start..start + self.format.block_bytes()];
+        // SAFETY: `blk` is one whole block of this format.
+        unsafe { self.format.value(blk.as_ptr(), col % 32, |p| f16_at(p)) }
     }
 
     /// Rows `n0 .. n0 + out.len() / k` as f32.
@@ -143,14 +165,8 @@ pub fn gemm_a8(kern: I8Kernel, pool: &ThreadPool, a: &QuantActs, sums: &[f32], w
     if a.m == 0 {
         return;
     }
-    let nc = super::matmul::col_chunk(a.m);
-    let yp = super::SyncPtr(y.as_mut_ptr());
-    pool.run(n.div_ceil(nc), &|t| {
-        let n0 = t * nc;
-        let _ = &yp;
-        // SAFETY: this task writes only columns n0..n0+rows of each row of y.
-        unsafe { gemm_a8_cols(kern, (a, sums), w, n, n0, nc.min(n - n0), yp.0) }
-    });
+    // SAFETY: each task writes only its own columns.
+    super::matmul::par_cols(pool, a.m, n, y, &|n0, rows, y| unsafe { gemm_a8_cols(kern, (a, sums), w, n, n0, rows, y) });
 }
 
 /// Columns `n0 .. n0 + rows` of `y[m, n]` (one pool task of [`gemm_a8`]).
@@ -191,7 +207,7 @@ struct Outliers<'a> {
 }
 
 impl Outliers<'_> {
-    /// `half` reads an f16 (both ways are exact, so the paths agree bitwise).
+    /// `half` widens an f16, as for [`A8Format::value`].
     #[inline(always)]
     unsafe fn add(&self, half: impl Fn(*const u8) -> f32) {
         let (a, bb) = (self.a, self.format.block_bytes());
@@ -199,14 +215,7 @@ impl Outliers<'_> {
             for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
                 let (g, e) = (col as usize / 32, col as usize % 32);
                 for c in 0..self.rows {
-                    let blk = self.w.w.add(c * self.w.rb + g * bb);
-                    let wv = match self.format {
-                        A8Format::Q4_1 => {
-                            let q = if e < 16 { *blk.add(4 + e) & 0x0f } else { *blk.add(4 + e - 16) >> 4 };
-                            half(blk) * q as f32 + half(blk.add(2))
-                        }
-                        A8Format::Q8_0 => half(blk) * (*blk.add(2 + e) as i8) as f32,
-                    };
+                    let wv = self.format.value(self.w.w.add(c * self.w.rb + g * bb), e, &half);
                     *self.y.add(i * self.ldy + c) += v * wv;
                 }
             }
@@ -239,32 +248,15 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     f16::from_le_bytes([*p, *p.add(1)]).to_f32()
 }
 
-/// Sum of eight lanes in the tree `quant::lane_sum` and the AVX2 paths use.
-#[inline(always)]
-fn lane_sum(a: [f32; 8]) -> f32 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
-}
-
 #[allow(clippy::needless_range_loop)]
 mod portable {
     use std::borrow::Borrow;
 
-    use super::{f16_at, lane_sum, A8Strip};
+    use super::super::quant::lane_sum;
+    use super::{f16_at, q4_1_code, q8_0_code, A8Strip};
 
     /// Code `e` (0..32) of a block's codes starting at `q`.
     type Code = unsafe fn(*const u8, usize) -> i32;
-
-    unsafe fn q4_1_code(q: *const u8, e: usize) -> i32 {
-        if e < 16 {
-            (*q.add(e) & 0x0f) as i32
-        } else {
-            (*q.add(e - 16) >> 4) as i32
-        }
-    }
-
-    unsafe fn q8_0_code(q: *const u8, e: usize) -> i32 {
-        *q.add(e) as i8 as i32
-    }
 
     #[inline(always)]
     unsafe fn tile_fmt<const MR: usize, const NR: usize>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize, q41: bool) {
@@ -325,7 +317,8 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::borrow::Borrow;
 
-    use super::{lane_sum, A8Strip};
+    use super::super::quant::lane_sum;
+    use super::A8Strip;
 
     /// (d, m) of a block: its first four bytes as two f16, widened by F16C.
     #[inline(always)]
@@ -448,6 +441,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::quant::lane_sum;
     use super::*;
     use rand::{Rng, SeedableRng};
 

@@ -262,14 +262,8 @@ pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Lin
     if let Weight::A8(w) = &lin.weight {
         return super::act8::matmul_a8(super::quant::I8Kernel::for_kernel(kern), pool, x, k, w, n, y);
     }
-    let nc = col_chunk(m);
-    let yp = super::SyncPtr(y.as_mut_ptr());
-    pool.run(n.div_ceil(nc), &|t| {
-        let n0 = t * nc;
-        let _ = &yp;
-        // SAFETY: this task writes only columns n0..n0+rows of each row of y.
-        unsafe { plain_cols(kern, lin, x, m, n0, nc.min(n - n0), yp.0) }
-    });
+    // SAFETY: each task writes only its own columns.
+    par_cols(pool, m, n, y, &|n0, rows, y| unsafe { plain_cols(kern, lin, x, m, n0, rows, y) });
 }
 
 /// Output columns per pool task.
@@ -279,6 +273,18 @@ pub(crate) fn col_chunk(m: usize) -> usize {
     } else {
         64
     }
+}
+
+/// Runs `f(n0, rows, y)` over the pool for every chunk of [`col_chunk`] columns of
+/// `y[m, n]`; `f` must write only columns `n0 .. n0 + rows` of each row of `y`.
+pub(crate) fn par_cols(pool: &ThreadPool, m: usize, n: usize, y: &mut [f32], f: &(dyn Fn(usize, usize, *mut f32) + Sync)) {
+    assert_eq!(y.len(), m * n);
+    let nc = col_chunk(m);
+    let yp = super::SyncPtr(y.as_mut_ptr());
+    pool.run(n.div_ceil(nc), &|t| {
+        let _ = &yp;
+        f(t * nc, nc.min(n - t * nc), yp.0)
+    });
 }
 
 /// Columns `n0 .. n0 + rows` of `y[m, N]` for f32 activations (one pool task of

@@ -289,14 +289,8 @@ pub fn gemm_i8(kern: I8Kernel, pool: &ThreadPool, a: &QuantActs, w: &I8Weight, n
     if a.m == 0 {
         return;
     }
-    let nc = super::matmul::col_chunk(a.m);
-    let yp = super::SyncPtr(y.as_mut_ptr());
-    pool.run(n.div_ceil(nc), &|t| {
-        let n0 = t * nc;
-        let _ = &yp;
-        // SAFETY: this task writes only columns n0..n0+rows of each row of y.
-        unsafe { gemm_i8_cols(kern, a, w, n, n0, nc.min(n - n0), yp.0) }
-    });
+    // SAFETY: each task writes only its own columns.
+    super::matmul::par_cols(pool, a.m, n, y, &|n0, rows, y| unsafe { gemm_i8_cols(kern, a, w, n, n0, rows, y) });
 }
 
 /// Columns `n0 .. n0 + rows` of `y[m, n]` (one pool task of [`gemm_i8`]).
@@ -344,7 +338,7 @@ impl I8Strip {
 
 /// Sum of eight lanes in the tree `hsum256` uses: `((0+4)+(2+6)) + ((1+5)+(3+7))`.
 #[inline(always)]
-fn lane_sum(a: [f32; 8]) -> f32 {
+pub(super) fn lane_sum(a: [f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
