@@ -35,19 +35,13 @@ impl Engine {
     /// Loads the model (blocking) and starts the engine thread.
     pub fn start(cfg: EngineConfig) -> Result<EngineHandle> {
         let backend = open_device(&cfg)?;
-        let mut loaded = loader::load(&cfg.model)?;
-        if backend.is_none() {
-            // On CUDA the device copy is converted instead; the host keeps the checkpoint's.
-            loaded.model.quantize(cfg.quantize);
-        }
+        let loaded = loader::load(&cfg.model)?;
         Self::from_loaded(cfg, loaded, backend)
     }
 
     /// Starts the engine thread on a model already in memory (`cfg.model` is not read),
     /// on `backend` when there is one (else the CPU).
     fn from_loaded(cfg: EngineConfig, loaded: loader::Loaded, backend: Backend) -> Result<EngineHandle> {
-        // Mutable for the CUDA build's fallback to the CPU (quantized then).
-        #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
         let (mut model, tokenizer) = (loaded.model, Arc::new(loaded.tokenizer));
         let mc = &model.config;
         if cfg.block_size == 0 {
@@ -67,13 +61,14 @@ impl Engine {
         let plan = plan_kv(&cfg, &model.config)?;
         let (per_token, num_blocks) = (plan.full_bytes_per_token, plan.full_blocks);
         let layout = KvLayout { num_layers: mc.num_layers, num_blocks, block_size: cfg.block_size, num_kv_heads: mc.num_kv_heads, head_dim: mc.head_dim };
+        // The CPU converts the host model to `--quantize`; CUDA converts its device copy and
+        // the host keeps the checkpoint's format.
         let cpu = |model: &mut LlamaModel| {
             model.quantize(cfg.quantize);
             Runner::Cpu(KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers))
         };
         let runner = match backend {
-            // The host model was quantized at load already.
-            None => Runner::Cpu(KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers)),
+            None => cpu(&mut model),
             #[cfg(feature = "cuda")]
             Some(b) => {
                 match crate::cuda::model::CudaModel::new(b, &model, cfg.quantize, layout, (plan.window_blocks, &plan.windowed_layers)) {
@@ -88,10 +83,7 @@ impl Engine {
                 }
             }
             #[cfg(not(feature = "cuda"))]
-            Some(never) => {
-                let _ = cpu;
-                match never {}
-            }
+            Some(never) => match never {},
         };
         let mc = &model.config;
         let chat_template = match tokenizer.chat_template() {
