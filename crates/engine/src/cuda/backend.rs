@@ -437,11 +437,12 @@ impl CudaBackend {
             return Ok(());
         }
         let rows = num_tokens * p.num_heads;
-        // Partial sums only when the key range is split.
-        let (mut part_o, mut part_ml) = if parts > 1 {
-            (self.zeros::<f32>(rows * parts * p.head_dim)?, self.zeros::<f32>(rows * parts * 2)?)
+        // Partial sums only when the key range is split; with one partition the kernel
+        // gets null pointers there and writes `out` itself.
+        let part = if parts > 1 {
+            Some((self.zeros::<f32>(rows * parts * p.head_dim)?, self.zeros::<f32>(rows * parts * 2)?))
         } else {
-            (self.zeros::<f32>(1)?, self.zeros::<f32>(1)?)
+            None
         };
         let ints = [plan.plan.max_blocks, p.num_heads, p.num_kv_heads, p.head_dim, p.block_size].map(|v| v as i32);
         let window = p.sliding_window.unwrap_or(0) as i32;
@@ -459,7 +460,11 @@ impl CudaBackend {
             Some(a) => b.arg(a),
             None => b.arg(&null),
         };
-        b.arg(&psize).arg(&nparts).arg(&mut *out).arg(&mut part_o).arg(&mut part_ml);
+        b.arg(&psize).arg(&nparts).arg(&mut *out);
+        match &part {
+            Some((o, ml)) => b.arg(o).arg(ml),
+            None => b.arg(&null).arg(&null),
+        };
         let cfg = LaunchConfig {
             grid_dim: (plan.plan.num_tiles() as u32, p.num_kv_heads as u32, parts as u32),
             block_dim: (256, 1, 1),
@@ -468,10 +473,10 @@ impl CudaBackend {
         // SAFETY: the argument list matches the kernel; the tables index inside q, the
         // cache and out (built from the same batch).
         unsafe { b.launch(cfg) }.map_err(dev)?;
-        if parts > 1 {
+        if let Some((part_o, part_ml)) = &part {
             let (h, d) = (p.num_heads as i32, p.head_dim as i32);
             let mut b = self.stream.launch_builder(self.f("attention_reduce"));
-            b.arg(&part_o).arg(&part_ml).arg(out).arg(&h).arg(&d).arg(&nparts);
+            b.arg(part_o).arg(part_ml).arg(out).arg(&h).arg(&d).arg(&nparts);
             let cfg = LaunchConfig {
                 grid_dim: (num_tokens as u32, p.num_heads as u32, 1),
                 block_dim: (p.head_dim.next_multiple_of(32).min(1024) as u32, 1, 1),

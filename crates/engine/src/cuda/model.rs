@@ -273,12 +273,16 @@ impl CudaModel {
         let mut x = b.zeros::<f32>(t * hd)?;
         b.embedding(&self.embed, &ids, &mut x, v.embed_scale)?;
         let mut h = b.zeros::<f32>(t * hd)?;
-        let mut tmp = b.zeros::<f32>(t * hd.max(qd))?;
+        // Scratch the model's layers need, allocated once per step.
+        let scratch = |need: bool, n: usize| if need { b.zeros::<f32>(n).map(Some) } else { Ok(None) };
+        let has = |f: fn(&DeviceLayer) -> bool| self.layers.iter().any(f);
+        let mut tmp = scratch(has(|l| l.attn_output_norm.is_some() || l.mlp_output_norm.is_some()), t * hd)?;
+        let mut qn = scratch(has(|l| l.q_norm.is_some()), t * qd)?;
+        let mut kn = scratch(has(|l| l.k_norm.is_some()), t * kvd)?;
+        let mut o = b.zeros::<f32>(t * hd)?;
         let (mut q, mut k, mut vv) = (b.zeros::<f32>(t * qd)?, b.zeros::<f32>(t * kvd)?, b.zeros::<f32>(t * kvd)?);
         let mut attn = b.zeros::<f32>(t * qd)?;
         let (mut gate, mut up) = (b.zeros::<f32>(t * inter)?, b.zeros::<f32>(t * inter)?);
-        let mut qn = b.zeros::<f32>(t * qd)?;
-        let mut kn = b.zeros::<f32>(t * kvd)?;
         let mut lt = b.zeros::<f32>(t * lora.as_ref().map_or(1, |l| l.max_rank.max(1)))?;
         // Adds the step's adapters at (layer, module): y += scale (x A^T) B^T per segment.
         let mut ad = |li: usize, m: Module, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>| -> Result<()> {
@@ -296,13 +300,13 @@ impl CudaModel {
             ad(li, Module::Q, &h, &mut q)?;
             ad(li, Module::K, &h, &mut k)?;
             ad(li, Module::V, &h, &mut vv)?;
-            if let Some(w) = &layer.q_norm {
-                b.rms_norm(&q, w, &mut qn, norm(c.head_dim))?;
-                std::mem::swap(&mut q, &mut qn);
+            if let (Some(w), Some(qn)) = (&layer.q_norm, qn.as_mut()) {
+                b.rms_norm(&q, w, qn, norm(c.head_dim))?;
+                std::mem::swap(&mut q, qn);
             }
-            if let Some(w) = &layer.k_norm {
-                b.rms_norm(&k, w, &mut kn, norm(c.head_dim))?;
-                std::mem::swap(&mut k, &mut kn);
+            if let (Some(w), Some(kn)) = (&layer.k_norm, kn.as_mut()) {
+                b.rms_norm(&k, w, kn, norm(c.head_dim))?;
+                std::mem::swap(&mut k, kn);
             }
             if self.alibi.is_none() {
                 let rope = if local { self.rope_local.as_ref().unwrap_or(&self.rope) } else { &self.rope };
@@ -315,12 +319,11 @@ impl CudaModel {
             };
             b.reshape_and_cache(&k, &vv, (&mut self.k_cache[li], &mut self.v_cache[li]), layer_slots)?;
             b.paged_attention(&q, (&self.k_cache[li], &self.v_cache[li]), layer_plan, &p, self.alibi.as_ref(), &mut attn)?;
-            let mut o = b.zeros::<f32>(t * hd)?;
             layer.o.forward(b, &attn, &mut o)?;
             ad(li, Module::O, &attn, &mut o)?;
-            if let Some(w) = &layer.attn_output_norm {
-                b.rms_norm(&o, w, &mut tmp, norm(hd))?;
-                b.add_rms_norm(&mut x, &tmp, &layer.post_norm, &mut h, norm(hd))?;
+            if let (Some(w), Some(tmp)) = (&layer.attn_output_norm, tmp.as_mut()) {
+                b.rms_norm(&o, w, tmp, norm(hd))?;
+                b.add_rms_norm(&mut x, tmp, &layer.post_norm, &mut h, norm(hd))?;
             } else {
                 b.add_rms_norm(&mut x, &o, &layer.post_norm, &mut h, norm(hd))?;
             }
@@ -335,9 +338,9 @@ impl CudaModel {
             layer.down.forward(b, &gate, &mut o)?;
             ad(li, Module::Down, &gate, &mut o)?;
             let next = self.layers.get(li + 1).map_or(&self.norm, |l| &l.input_norm);
-            if let Some(w) = &layer.mlp_output_norm {
-                b.rms_norm(&o, w, &mut tmp, norm(hd))?;
-                b.add_rms_norm(&mut x, &tmp, next, &mut h, norm(hd))?;
+            if let (Some(w), Some(tmp)) = (&layer.mlp_output_norm, tmp.as_mut()) {
+                b.rms_norm(&o, w, tmp, norm(hd))?;
+                b.add_rms_norm(&mut x, tmp, next, &mut h, norm(hd))?;
             } else {
                 b.add_rms_norm(&mut x, &o, next, &mut h, norm(hd))?;
             }
