@@ -181,6 +181,10 @@ pub(crate) unsafe fn gemm_a8_cols(kern: I8Kernel, (a, sums): (&QuantActs, &[f32]
     let yt = y.add(n0);
     match (kern, w.format) {
         #[cfg(target_arch = "x86_64")]
+        (I8Kernel::Vnni, A8Format::Q4_1) => x86::gemm_q4_1_vnni(&strip, m, rows, yt, n),
+        #[cfg(target_arch = "x86_64")]
+        (I8Kernel::Vnni, A8Format::Q8_0) => x86::gemm_q8_0_vnni(&strip, m, rows, yt, n),
+        #[cfg(target_arch = "x86_64")]
         (I8Kernel::Avx2, A8Format::Q4_1) => x86::gemm_q4_1(&strip, m, rows, yt, n),
         #[cfg(target_arch = "x86_64")]
         (I8Kernel::Avx2, A8Format::Q8_0) => x86::gemm_q8_0(&strip, m, rows, yt, n),
@@ -190,7 +194,7 @@ pub(crate) unsafe fn gemm_a8_cols(kern: I8Kernel, (a, sums): (&QuantActs, &[f32]
     let out = Outliers { a, w: &strip, format: w.format, rows, y: yt, ldy: n };
     match kern {
         #[cfg(target_arch = "x86_64")]
-        I8Kernel::Avx2 => x86::outliers(&out),
+        I8Kernel::Avx2 | I8Kernel::Vnni => x86::outliers(&out),
         I8Kernel::Portable => out.add(|p| f16_at(p)),
     }
 }
@@ -318,6 +322,7 @@ mod x86 {
     use std::borrow::Borrow;
 
     use super::super::quant::lane_sum;
+    use super::super::quant::x86::{dot_ss, dot_us, prep_w, prep_x};
     use super::A8Strip;
 
     /// (d, m) of a block: its first four bytes as two f16, widened by F16C.
@@ -327,14 +332,12 @@ mod x86 {
         (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v)))
     }
 
-    /// Q4_1: the 32 nibbles as bytes in code order (low nibbles, then high), unsigned, in
-    /// `vpmaddubsw` against the signed activation codes (pairs stay within i16: 2 · 15 ·
-    /// 127); `vpmaddwd` widens to eight i32 lanes; one FMA each with `s_x · d`; the
-    /// offset `m` in a scalar FMA with the group sum.
+    /// Q4_1: the 32 nibbles as bytes in code order (low nibbles, then high), unsigned,
+    /// against the signed activation codes ([`dot_us`]: `vpmaddubsw` + `vpmaddwd`, or
+    /// one `vpdpbusd`); one FMA each with `s_x · d`; the offset `m` in a scalar FMA with
+    /// the group sum.
     #[inline(always)]
-    unsafe fn tile_q4_1<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        let w = w.borrow();
-        let ones = _mm256_set1_epi16(1);
+    unsafe fn tile_q4_1_on<const MR: usize, const NR: usize, const VNNI: bool>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize) {
         let low = _mm_set1_epi8(0x0f);
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let mut accm = [[0f32; NR]; MR];
@@ -358,7 +361,7 @@ mod x86 {
                 let xv = _mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i);
                 let (sx, xs) = (*rows[r].0.add(g), *rows[r].1.add(g));
                 for c in 0..NR {
-                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xv), ones));
+                    let dot = _mm256_cvtepi32_ps(dot_us::<VNNI>(wv[c], xv));
                     acc[r][c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sx * d[c].0), acc[r][c]);
                     accm[r][c] = d[c].1.mul_add(xs, accm[r][c]);
                 }
@@ -373,11 +376,9 @@ mod x86 {
         }
     }
 
-    /// Q8_0: `|x|` times `sign(x) · w` in `vpmaddubsw`, as the INT8 kernel.
+    /// Q8_0: signed codes by signed codes ([`dot_ss`]), as the INT8 kernel.
     #[inline(always)]
-    unsafe fn tile_q8_0<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        let w = w.borrow();
-        let ones = _mm256_set1_epi16(1);
+    unsafe fn tile_q8_0_on<const MR: usize, const NR: usize, const VNNI: bool>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize) {
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
         let pf = w.w.wrapping_add((c0 + NR) * w.rb);
@@ -390,15 +391,13 @@ mod x86 {
             for c in 0..NR {
                 let blk = w.w.add((c0 + c) * w.rb + g * 34);
                 d[c] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const u16).read_unaligned() as i32)));
-                wv[c] = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                wv[c] = prep_w::<VNNI>(_mm256_loadu_si256(blk.add(2) as *const __m256i));
             }
             for r in 0..MR {
-                let xv = _mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i);
-                let ax = _mm256_sign_epi8(xv, xv);
+                let xv = prep_x::<VNNI>(_mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i));
                 let sx = *rows[r].0.add(g);
                 for c in 0..NR {
-                    let prod = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[c], xv));
-                    let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+                    let dot = _mm256_cvtepi32_ps(dot_ss::<VNNI>(wv[c], xv));
                     acc[r][c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sx * d[c]), acc[r][c]);
                 }
             }
@@ -410,6 +409,26 @@ mod x86 {
                 *y.add(r * ldy + c) = lane_sum(a);
             }
         }
+    }
+
+    #[inline(always)]
+    unsafe fn tile_q4_1<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        tile_q4_1_on::<MR, NR, false>(x, kp, w.borrow(), c0, y, ldy)
+    }
+
+    #[inline(always)]
+    unsafe fn tile_q4_1_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        tile_q4_1_on::<MR, NR, true>(x, kp, w.borrow(), c0, y, ldy)
+    }
+
+    #[inline(always)]
+    unsafe fn tile_q8_0<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        tile_q8_0_on::<MR, NR, false>(x, kp, w.borrow(), c0, y, ldy)
+    }
+
+    #[inline(always)]
+    unsafe fn tile_q8_0_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        tile_q8_0_on::<MR, NR, true>(x, kp, w.borrow(), c0, y, ldy)
     }
 
     /// The outliers with F16C widening the block scales.
@@ -435,6 +454,27 @@ mod x86 {
             tiled_driver!(tile_q8_0, 1, 4, x, m, kp, w, n, y, ldy)
         } else {
             tiled_driver!(tile_q8_0, 4, 2, x, m, kp, w, n, y, ldy)
+        }
+    }
+
+    /// The VNNI tiles: 4 x 4 for batches (32 registers).
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn gemm_q4_1_vnni(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        if m == 1 {
+            tiled_driver!(tile_q4_1_vnni, 1, 4, x, m, kp, w, n, y, ldy)
+        } else {
+            tiled_driver!(tile_q4_1_vnni, 4, 4, x, m, kp, w, n, y, ldy)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn gemm_q8_0_vnni(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        if m == 1 {
+            tiled_driver!(tile_q8_0_vnni, 1, 4, x, m, kp, w, n, y, ldy)
+        } else {
+            tiled_driver!(tile_q8_0_vnni, 4, 4, x, m, kp, w, n, y, ldy)
         }
     }
 }

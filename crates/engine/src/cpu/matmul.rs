@@ -393,6 +393,32 @@ pub struct GemmArgs {
     pub ldy: usize,
 }
 
+/// Instruction-set levels, lowest first, for `TESSERA_CPU_ISA`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IsaLevel {
+    Portable,
+    Avx2,
+    Avx512,
+    Avx512Vnni,
+}
+
+/// The most the kernels may use: `TESSERA_CPU_ISA` = `portable`, `avx2`, `avx512` (no
+/// VNNI) or `avx512-vnni` (the default: no cap, the best the CPU has). For benchmarks that
+/// compare the paths on one machine; every path gives the same bits.
+pub fn isa_cap() -> IsaLevel {
+    static CAP: std::sync::OnceLock<IsaLevel> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var("TESSERA_CPU_ISA").as_deref() {
+        Ok("portable") => IsaLevel::Portable,
+        Ok("avx2") => IsaLevel::Avx2,
+        Ok("avx512") => IsaLevel::Avx512,
+        Ok("avx512-vnni") | Ok("") | Err(_) => IsaLevel::Avx512Vnni,
+        Ok(other) => {
+            tracing::warn!("TESSERA_CPU_ISA={other:?} is not one of portable, avx2, avx512, avx512-vnni: ignored");
+            IsaLevel::Avx512Vnni
+        }
+    })
+}
+
 /// The instruction-set path of the f32 kernels, chosen at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -404,33 +430,24 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The best path this CPU has.
+    /// The best path this CPU has, within `TESSERA_CPU_ISA` ([`isa_cap`]).
     pub fn detect() -> Kernel {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("f16c")
-                // Its INT8 and act8 GEMMs are the AVX2 kernels.
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Kernel::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
-                return Kernel::Avx2;
-            }
-        }
-        Kernel::Portable
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let cap = isa_cap();
+            Kernel::available().into_iter().find(|k| k.level() <= cap).unwrap_or(Kernel::Portable)
+        })
     }
 
-    /// Paths this CPU can run, best first.
+    /// Paths this CPU can run, best first (whatever `TESSERA_CPU_ISA` says: tests force
+    /// each one in turn).
     pub fn available() -> Vec<Kernel> {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("f16c")
-                // Its INT8 and act8 GEMMs are the AVX2 kernels.
+                // Its INT8 and act8 GEMMs are the AVX2 (or VNNI) kernels.
                 && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
@@ -442,6 +459,17 @@ impl Kernel {
         }
         v.push(Kernel::Portable);
         v
+    }
+
+    /// Rank on the [`isa_cap`] scale.
+    fn level(self) -> IsaLevel {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => IsaLevel::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => IsaLevel::Avx2,
+            Kernel::Portable => IsaLevel::Portable,
+        }
     }
 
 

@@ -169,6 +169,13 @@ thread_local! {
 /// The INT8 instruction-set path for an f32 [`Kernel`] choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum I8Kernel {
+    /// AVX-512 VNNI: `vpdpbusd` (four u8 x i8 products added into each 32-bit lane in one
+    /// instruction) on 256-bit registers, so a lane holds the same four codes as on the
+    /// AVX2 path; signed weights are flipped to unsigned (`w ^ 0x80 = w + 128`) and the
+    /// lane starts at `-128 · Σx` of its four activation codes, which keeps the integer
+    /// dot product exact. 32 vector registers allow larger tiles.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
     /// `vpmaddubsw` on |x| and sign(x)·w, `vpmaddwd` into 32-bit lanes, then one FMA per
     /// group with the activation scale.
     #[cfg(target_arch = "x86_64")]
@@ -177,22 +184,47 @@ pub enum I8Kernel {
 }
 
 impl I8Kernel {
+    /// The INT8 path that goes with an f32 path: AVX-512 machines with VNNI take
+    /// [`I8Kernel::Vnni`], other AVX-512 and AVX2 machines [`I8Kernel::Avx2`].
     pub fn for_kernel(k: Kernel) -> I8Kernel {
         match k {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 if Self::has_vnni() && super::matmul::isa_cap() >= super::matmul::IsaLevel::Avx512Vnni => I8Kernel::Vnni,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 | Kernel::Avx2 => I8Kernel::Avx2,
             Kernel::Portable => I8Kernel::Portable,
         }
     }
 
-    /// Paths this CPU can run, best first.
+    /// Whether this CPU runs [`I8Kernel::Vnni`] (it also needs the AVX2 path's features,
+    /// which its tiles share).
+    #[cfg(target_arch = "x86_64")]
+    fn has_vnni() -> bool {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// Paths this CPU can run, best first (each one forced in turn by the tests).
     pub fn available() -> Vec<I8Kernel> {
-        Kernel::available().into_iter().map(I8Kernel::for_kernel).fold(Vec::new(), |mut v, k| {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if Self::has_vnni() {
+            v.push(I8Kernel::Vnni);
+        }
+        for k in Kernel::available().into_iter().map(|k| match k {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => I8Kernel::Avx2,
+            _ => I8Kernel::for_kernel(k),
+        }) {
             if !v.contains(&k) {
                 v.push(k);
             }
-            v
-        })
+        }
+        v
     }
 }
 
@@ -304,6 +336,8 @@ pub(crate) unsafe fn gemm_i8_cols(kern: I8Kernel, a: &QuantActs, w: &I8Weight, n
     let yt = y.add(n0);
     match kern {
         #[cfg(target_arch = "x86_64")]
+        I8Kernel::Vnni => x86::gemm_vnni(&strip, m, rows, yt, n),
+        #[cfg(target_arch = "x86_64")]
         I8Kernel::Avx2 => x86::gemm(&strip, m, rows, yt, n),
         I8Kernel::Portable => portable::gemm(&strip, m, rows, yt, n),
     }
@@ -383,7 +417,7 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use std::borrow::Borrow;
@@ -392,14 +426,58 @@ mod x86 {
 
     const PF_TILES: usize = 1;
 
-    /// One MR x NR block over the full (padded) K, a group of 32 codes a step: `|x|`
-    /// (unsigned) times `sign(x) · w` (signed) in `vpmaddubsw` (pairs stay within i16:
-    /// 2 · 127 · 127), `vpmaddwd` with ones widens to eight i32 lanes, and one FMA adds
-    /// them, times the group's activation scale, to the f32 accumulator.
+    /// The activation codes of one group as a signed-by-signed dot product wants them:
+    /// AVX2 `(|x|, x)`; VNNI `(x, -128 · Σx per lane)` (see [`dot_ss`]).
     #[inline(always)]
-    unsafe fn tile<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        let w = w.borrow();
-        let ones = _mm256_set1_epi16(1);
+    pub(in super::super) unsafe fn prep_x<const VNNI: bool>(xv: __m256i) -> (__m256i, __m256i) {
+        if VNNI {
+            let bias = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), xv);
+            (xv, _mm256_sub_epi32(_mm256_setzero_si256(), bias))
+        } else {
+            (_mm256_sign_epi8(xv, xv), xv)
+        }
+    }
+
+    /// Signed weight codes as [`dot_ss`] wants them: VNNI flips them to unsigned
+    /// (`w ^ 0x80 = w + 128`), AVX2 keeps them.
+    #[inline(always)]
+    pub(in super::super) unsafe fn prep_w<const VNNI: bool>(wv: __m256i) -> __m256i {
+        if VNNI {
+            _mm256_xor_si256(wv, _mm256_set1_epi8(-128))
+        } else {
+            wv
+        }
+    }
+
+    /// Exact `Σ w·x` of each lane's four signed codes, from [`prep_w`] and [`prep_x`].
+    /// AVX2: `|x|` (unsigned) times `sign(x) · w` in `vpmaddubsw` (pairs stay within i16:
+    /// 2 · 127 · 127), `vpmaddwd` with ones. VNNI: `Σ (w + 128)·x` added onto
+    /// `-128 · Σx`.
+    #[inline(always)]
+    pub(in super::super) unsafe fn dot_ss<const VNNI: bool>(w: __m256i, (a, b): (__m256i, __m256i)) -> __m256i {
+        if VNNI {
+            _mm256_dpbusd_epi32(b, w, a)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(w, b)), _mm256_set1_epi16(1))
+        }
+    }
+
+    /// Exact `Σ u·x` of each lane's four unsigned weight codes (at most 127, so AVX2's
+    /// `vpmaddubsw` pairs stay within i16) and signed activation codes.
+    #[inline(always)]
+    pub(in super::super) unsafe fn dot_us<const VNNI: bool>(u: __m256i, x: __m256i) -> __m256i {
+        if VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
+        }
+    }
+
+    /// One MR x NR block over the full (padded) K, a group of 32 codes a step: each
+    /// group's exact integer dot product in eight i32 lanes ([`dot_ss`]), and one FMA
+    /// adds them, times the group's activation scale, to the f32 accumulator.
+    #[inline(always)]
+    unsafe fn tile_on<const MR: usize, const NR: usize, const VNNI: bool>(x: *const i8, kp: usize, w: &I8Strip, c0: usize, y: *mut f32, ldy: usize) {
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let sxr: [*const f32; MR] = std::array::from_fn(|r| w.sx_row(x.add(r * kp)));
         // The rows of this tile and of the next ones are contiguous; short rows (K = 576 is
@@ -413,15 +491,13 @@ mod x86 {
             }
             let mut wv = [_mm256_setzero_si256(); NR];
             for c in 0..NR {
-                wv[c] = _mm256_loadu_si256(w.q.add((c0 + c) * kp + p) as *const __m256i);
+                wv[c] = prep_w::<VNNI>(_mm256_loadu_si256(w.q.add((c0 + c) * kp + p) as *const __m256i));
             }
             for r in 0..MR {
-                let xv = _mm256_loadu_si256(x.add(r * kp + p) as *const __m256i);
-                let ax = _mm256_sign_epi8(xv, xv);
+                let xv = prep_x::<VNNI>(_mm256_loadu_si256(x.add(r * kp + p) as *const __m256i));
                 let s = _mm256_broadcast_ss(&*sxr[r].add(g));
                 for c in 0..NR {
-                    let prod = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[c], xv));
-                    let d = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+                    let d = _mm256_cvtepi32_ps(dot_ss::<VNNI>(wv[c], xv));
                     acc[r][c] = _mm256_fmadd_ps(d, s, acc[r][c]);
                 }
             }
@@ -435,6 +511,16 @@ mod x86 {
         }
     }
 
+    #[inline(always)]
+    unsafe fn tile<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        tile_on::<MR, NR, false>(x, kp, w.borrow(), c0, y, ldy)
+    }
+
+    #[inline(always)]
+    unsafe fn tile_vnni<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        tile_on::<MR, NR, true>(x, kp, w.borrow(), c0, y, ldy)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn gemm(w: &I8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
         let (x, kp) = (w.xq0, w.kp);
@@ -442,6 +528,17 @@ mod x86 {
             tiled_driver!(tile, 1, 4, x, m, kp, w, n, y, ldy)
         } else {
             tiled_driver!(tile, 4, 2, x, m, kp, w, n, y, ldy)
+        }
+    }
+
+    /// With 32 registers: 4 x 4 tiles (16 accumulators) for batches.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn gemm_vnni(w: &I8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        if m == 1 {
+            tiled_driver!(tile_vnni, 1, 4, x, m, kp, w, n, y, ldy)
+        } else {
+            tiled_driver!(tile_vnni, 4, 4, x, m, kp, w, n, y, ldy)
         }
     }
 }
