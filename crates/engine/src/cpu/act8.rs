@@ -214,15 +214,24 @@ impl Outliers<'_> {
     /// `half` widens an f16, as for [`A8Format::value`].
     #[inline(always)]
     unsafe fn add(&self, half: impl Fn(*const u8) -> f32) {
-        let (a, bb) = (self.a, self.format.block_bytes());
-        for i in 0..a.m {
-            for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
-                let (g, e) = (col as usize / 32, col as usize % 32);
-                for c in 0..self.rows {
-                    let wv = self.format.value(self.w.w.add(c * self.w.rb + g * bb), e, &half);
-                    *self.y.add(i * self.ldy + c) += v * wv;
-                }
+        for i in 0..self.a.m {
+            for &(col, v) in self.of_row(i) {
+                self.add_one(i, col as usize, v, 0, &half);
             }
+        }
+    }
+
+    fn of_row(&self, i: usize) -> &[(u32, f32)] {
+        &self.a.outliers[self.a.row_outliers[i]..self.a.row_outliers[i + 1]]
+    }
+
+    /// Outlier `(col, v)` of activation row `i` into weight rows `c0 ..`.
+    #[inline(always)]
+    unsafe fn add_one(&self, i: usize, col: usize, v: f32, c0: usize, half: impl Fn(*const u8) -> f32) {
+        let (g, e, bb) = (col / 32, col % 32, self.format.block_bytes());
+        for c in c0..self.rows {
+            let wv = self.format.value(self.w.w.add(c * self.w.rb + g * bb), e, &half);
+            *self.y.add(i * self.ldy + c) += v * wv;
         }
     }
 }
@@ -431,10 +440,51 @@ mod x86 {
         tile_q8_0_on::<MR, NR, true>(x, kp, w.borrow(), c0, y, ldy)
     }
 
-    /// The outliers with F16C widening the block scales.
+    /// The low 16 bits of each lane, as f16, widened.
+    #[inline(always)]
+    unsafe fn low_halves(v: __m256i) -> __m256 {
+        let v = _mm256_and_si256(v, _mm256_set1_epi32(0xffff));
+        _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)))
+    }
+
+    /// The outliers, eight weight rows at a time: each row's block header and code byte
+    /// gathered (32-bit loads that stay inside the block), `d·q + m` and `y + x·w` as a
+    /// multiply then an add, as the scalar path computes them, so the bits are the same;
+    /// the rows past a multiple of eight the scalar way.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn outliers(o: &super::Outliers<'_>) {
-        o.add(|p| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32))))
+        let half = |p: *const u8| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)));
+        let (w, bb) = (o.w, o.format.block_bytes());
+        let q41 = o.format == super::A8Format::Q4_1;
+        let rows8 = o.rows / 8 * 8;
+        let offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(w.rb as i32));
+        for i in 0..o.a.m {
+            for &(col, v) in o.of_row(i) {
+                let (g, e) = (col as usize / 32, col as usize % 32);
+                // The code's byte in its block, and a 32-bit load around it that starts
+                // inside the block: the byte sits at `bi` in the loaded lane.
+                let p = if q41 { 4 + e % 16 } else { 2 + e };
+                let at = p.saturating_sub(3);
+                let up = _mm_cvtsi32_si128(8 * (3 - (p - at)) as i32);
+                let nib = _mm_cvtsi32_si128(if e < 16 { 0 } else { 4 });
+                let vv = _mm256_set1_ps(v);
+                let y = o.y.add(i * o.ldy);
+                for c in (0..rows8).step_by(8) {
+                    let blk = w.w.add(c * w.rb + g * bb);
+                    let head = _mm256_i32gather_epi32::<1>(blk as *const i32, offs);
+                    let byte = _mm256_sll_epi32(_mm256_i32gather_epi32::<1>(blk.add(at) as *const i32, offs), up);
+                    let wv = if q41 {
+                        let q = _mm256_and_si256(_mm256_srl_epi32(_mm256_srli_epi32::<24>(byte), nib), _mm256_set1_epi32(0x0f));
+                        _mm256_add_ps(_mm256_mul_ps(low_halves(head), _mm256_cvtepi32_ps(q)), low_halves(_mm256_srli_epi32::<16>(head)))
+                    } else {
+                        _mm256_mul_ps(low_halves(head), _mm256_cvtepi32_ps(_mm256_srai_epi32::<24>(byte)))
+                    };
+                    let yc = y.add(c);
+                    _mm256_storeu_ps(yc, _mm256_add_ps(_mm256_loadu_ps(yc), _mm256_mul_ps(vv, wv)));
+                }
+                o.add_one(i, col as usize, v, rows8, half);
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

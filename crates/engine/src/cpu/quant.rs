@@ -341,9 +341,24 @@ pub(crate) unsafe fn gemm_i8_cols(kern: I8Kernel, a: &QuantActs, w: &I8Weight, n
         I8Kernel::Avx2 => x86::gemm(&strip, m, rows, yt, n),
         I8Kernel::Portable => portable::gemm(&strip, m, rows, yt, n),
     }
-    for i in 0..m {
+    match kern {
+        #[cfg(target_arch = "x86_64")]
+        I8Kernel::Vnni | I8Kernel::Avx2 => x86::outliers(a, w, n0, rows, yt, n),
+        I8Kernel::Portable => outliers_from(a, w, n0, 0, rows, yt, n),
+    }
+}
+
+/// The f32 side of the outliers for weight rows `n0 + c0 .. n0 + rows`:
+/// `y[i, c] += x · (s_w · wq[c, col])`, in the order found.
+///
+/// # Safety
+/// As [`gemm_i8_cols`].
+#[inline(always)]
+unsafe fn outliers_from(a: &QuantActs, w: &I8Weight, n0: usize, c0: usize, rows: usize, yt: *mut f32, n: usize) {
+    let kp = w.kp;
+    for i in 0..a.m {
         for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
-            for c in 0..rows {
+            for c in c0..rows {
                 let j = n0 + c;
                 *yt.add(i * n + c) += v * (w.scale[j] * w.q[j * kp + col as usize] as f32);
             }
@@ -519,6 +534,33 @@ pub(super) mod x86 {
     #[inline(always)]
     unsafe fn tile_vnni<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
         tile_on::<MR, NR, true>(x, kp, w.borrow(), c0, y, ldy)
+    }
+
+    /// The outliers, eight weight rows at a time: each row's code gathered (a 32-bit
+    /// load that ends at it, or starts at it near the row's start), `y + x·(s_w·q)` as
+    /// the scalar path computes it, so the bits are the same; the rows past a multiple
+    /// of eight the scalar way.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn outliers(a: &super::QuantActs, w: &super::I8Weight, n0: usize, rows: usize, yt: *mut f32, n: usize) {
+        let kp = w.kp;
+        let rows8 = rows / 8 * 8;
+        let offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(kp as i32));
+        for i in 0..a.m {
+            for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
+                let col = col as usize;
+                let at = col.saturating_sub(3);
+                let up = _mm_cvtsi32_si128(8 * (3 - (col - at)) as i32);
+                let vv = _mm256_set1_ps(v);
+                let y = yt.add(i * n);
+                for c in (0..rows8).step_by(8) {
+                    let row = w.q.as_ptr().add((n0 + c) * kp + at);
+                    let q = _mm256_srai_epi32::<24>(_mm256_sll_epi32(_mm256_i32gather_epi32::<1>(row as *const i32, offs), up));
+                    let wv = _mm256_mul_ps(_mm256_loadu_ps(w.scale.as_ptr().add(n0 + c)), _mm256_cvtepi32_ps(q));
+                    _mm256_storeu_ps(y.add(c), _mm256_add_ps(_mm256_loadu_ps(y.add(c)), _mm256_mul_ps(vv, wv)));
+                }
+            }
+        }
+        super::outliers_from(a, w, n0, rows8, rows, yt, n);
     }
 
     #[target_feature(enable = "avx2,fma")]
