@@ -27,6 +27,8 @@ pub struct EngineConfig {
     pub max_loras: usize,
     /// Weight format the linear layers are converted to at load (`--quantize`).
     pub quantize: Quantize,
+    /// Element type of the KV cache (`--kv-cache-dtype`).
+    pub kv_cache_dtype: KvDtype,
     /// Where the forward runs (`--device`).
     pub device: Device,
     /// Compiled CUDA kernels are cached here (by source hash and architecture); `None`
@@ -49,6 +51,7 @@ impl Default for EngineConfig {
             max_queued_requests: 1024,
             max_loras: 8,
             quantize: Quantize::None,
+            kv_cache_dtype: KvDtype::F32,
             device: Device::Cpu,
             kernel_cache_dir: None,
             observer: None,
@@ -69,6 +72,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("max_queued_requests", &self.max_queued_requests)
             .field("max_loras", &self.max_loras)
             .field("quantize", &self.quantize)
+            .field("kv_cache_dtype", &self.kv_cache_dtype)
             .field("device", &self.device)
             .finish()
     }
@@ -103,6 +107,45 @@ impl std::str::FromStr for Device {
             "cuda" => Ok(Device::Cuda),
             "auto" => Ok(Device::Auto),
             _ => Err(format!("unknown device {s:?} (expected cpu, cuda or auto)")),
+        }
+    }
+}
+
+/// What the KV cache stores. `f32` keeps attention exact (the float32 references are
+/// reproduced); `f16` halves the bytes every decode row reads from the cache and the
+/// memory per cached token, as llama.cpp's default cache; values are rounded to nearest
+/// even when written and widened exactly when read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(KvDtype::F32),
+            "f16" | "float16" | "half" => Ok(KvDtype::F16),
+            _ => Err(format!("unknown KV cache dtype {s:?} (expected f32 or f16)")),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::chat::ChatTemplate;
 use crate::config::EngineConfig;
 use crate::detok::IncrementalDecoder;
 use crate::handle::{Command, EngineHandle, EngineStats, ModelInfo, RequestId, Shared, StepStats};
-use crate::kv_cache::{KvCache, KvLayout};
+use crate::kv_cache::{KvCache, KvDtype, KvLayout};
 use crate::loader;
 use crate::lora::{AdapterRows, LoraAdapter};
 use crate::model::{BatchInput, LlamaModel, SeqInput};
@@ -58,14 +58,19 @@ impl Engine {
             Some(n) => n,
             None => mc.max_position_embeddings,
         };
-        let plan = plan_kv(&cfg, &model.config)?;
+        // The CUDA path keeps its cache in f32.
+        let kv_dtype = if backend.is_some() { KvDtype::F32 } else { cfg.kv_cache_dtype };
+        if kv_dtype != cfg.kv_cache_dtype {
+            tracing::warn!("--kv-cache-dtype {}: the CUDA backend stores its KV cache in f32", cfg.kv_cache_dtype.as_str());
+        }
+        let plan = plan_kv(&cfg, &model.config, kv_dtype)?;
         let (per_token, num_blocks) = (plan.full_bytes_per_token, plan.full_blocks);
         let layout = KvLayout { num_layers: mc.num_layers, num_blocks, block_size: cfg.block_size, num_kv_heads: mc.num_kv_heads, head_dim: mc.head_dim };
         // The CPU converts the host model to `--quantize`; CUDA converts its device copy and
         // the host keeps the checkpoint's format.
         let cpu = |model: &mut LlamaModel| {
             model.quantize(cfg.quantize);
-            Runner::Cpu(KvCache::with_window_pool(layout, plan.window_blocks, &plan.windowed_layers))
+            Runner::Cpu(KvCache::with_window_pool(layout, kv_dtype, plan.window_blocks, &plan.windowed_layers))
         };
         let runner = match backend {
             None => cpu(&mut model),
@@ -157,6 +162,7 @@ impl Engine {
             block_size = cfg.block_size,
             kv_cache_tokens = info.kv_cache_tokens,
             kv_bytes_per_token = per_token,
+            kv_cache_dtype = kv_dtype.as_str(),
             threads = cfg.threads,
             "engine started"
         );
@@ -177,9 +183,9 @@ struct KvPlan {
 /// Models with sliding-window layers get a second pool for them, sized for every running
 /// request's window plus one step's chunk (at most half the budget); the rest of the
 /// budget holds the other layers' K/V for the whole context.
-fn plan_kv(cfg: &EngineConfig, mc: &crate::model::ModelConfig) -> Result<KvPlan> {
+fn plan_kv(cfg: &EngineConfig, mc: &crate::model::ModelConfig, dtype: KvDtype) -> Result<KvPlan> {
     let bs = cfg.block_size;
-    let per_layer_token = KvLayout::bytes_per_token(1, mc.num_kv_heads, mc.head_dim);
+    let per_layer_token = KvLayout::bytes_per_token(1, mc.num_kv_heads, mc.head_dim, dtype);
     let v = &mc.variant;
     let n_local = v.local_layers.iter().filter(|&&l| l).count();
     let window = v.sliding_window.filter(|_| n_local > 0 && n_local < mc.num_layers);

@@ -3,9 +3,14 @@
 //! ```text
 //! token position p of a request  ──►  block_table[p / block_size], offset p % block_size
 //! slot = block_id * block_size + offset
-//! layer storage  K, V: [num_blocks, block_size, num_kv_heads, head_dim]  (f32)
+//! layer storage  K, V: [num_blocks, block_size, num_kv_heads, head_dim]  (f32 or f16)
 //!                      └──────── slot ────────┘
 //! ```
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+pub use crate::config::KvDtype;
 
 /// Index of a block in the pool; issued by [`BlockPool::allocate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,14 +84,66 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    /// Bytes per cached token over all layers, K and V, f32.
-    pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize) -> usize {
-        2 * num_layers * num_kv_heads * head_dim * std::mem::size_of::<f32>()
+    /// Bytes per cached token over `num_layers` layers, K and V, in `dtype`.
+    pub fn bytes_per_token(num_layers: usize, num_kv_heads: usize, head_dim: usize, dtype: KvDtype) -> usize {
+        2 * num_layers * num_kv_heads * head_dim * dtype.bytes()
     }
 
-    /// Floats in one slot (one token of one layer, K or V).
+    /// Values in one slot (one token of one layer, K or V).
     pub fn slot_floats(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+}
+
+/// One layer's K or V storage.
+#[derive(Debug, Clone)]
+pub enum KvBuf {
+    F32(Vec<f32>),
+    /// IEEE half precision (`--kv-cache-dtype f16`), widened exactly when read.
+    F16(Vec<f16>),
+}
+
+impl KvBuf {
+    fn zeros(dtype: KvDtype, n: usize) -> KvBuf {
+        match dtype {
+            KvDtype::F32 => KvBuf::F32(vec![0.0; n]),
+            KvDtype::F16 => KvBuf::F16(vec![f16::ZERO; n]),
+        }
+    }
+
+    pub fn as_slice(&self) -> KvSlice<'_> {
+        match self {
+            KvBuf::F32(v) => KvSlice::F32(v),
+            KvBuf::F16(v) => KvSlice::F16(v),
+        }
+    }
+
+    /// `dst[..src.len()]` from `src`, rounded to nearest even when stored as f16.
+    fn store(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvBuf::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+}
+
+/// A layer's K or V storage as attention reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum KvSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl KvSlice<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            KvSlice::F32(v) => v.len(),
+            KvSlice::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -94,25 +151,28 @@ impl KvLayout {
 /// (`window_blocks` blocks, their own block ids); the others in the main pool.
 pub struct KvCache {
     pub layout: KvLayout,
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub dtype: KvDtype,
+    pub k: Vec<KvBuf>,
+    pub v: Vec<KvBuf>,
     pub windowed: Vec<bool>,
 }
 
 impl KvCache {
+    /// An f32 cache of one pool.
     pub fn new(layout: KvLayout) -> Self {
-        Self::with_window_pool(layout, 0, &[])
+        Self::with_window_pool(layout, KvDtype::F32, 0, &[])
     }
 
     /// `windowed[l]`: layer l stores its K/V in the window pool of `window_blocks` blocks.
-    pub fn with_window_pool(layout: KvLayout, window_blocks: usize, windowed: &[bool]) -> Self {
+    pub fn with_window_pool(layout: KvLayout, dtype: KvDtype, window_blocks: usize, windowed: &[bool]) -> Self {
         let per_block = layout.block_size * layout.slot_floats();
         let windowed: Vec<bool> = (0..layout.num_layers).map(|l| windowed.get(l).copied().unwrap_or(false)).collect();
         let size = |l: usize| if windowed[l] { window_blocks } else { layout.num_blocks } * per_block;
         KvCache {
             layout,
-            k: (0..layout.num_layers).map(|l| vec![0f32; size(l)]).collect(),
-            v: (0..layout.num_layers).map(|l| vec![0f32; size(l)]).collect(),
+            dtype,
+            k: (0..layout.num_layers).map(|l| KvBuf::zeros(dtype, size(l))).collect(),
+            v: (0..layout.num_layers).map(|l| KvBuf::zeros(dtype, size(l))).collect(),
             windowed,
         }
     }
@@ -122,8 +182,8 @@ impl KvCache {
         let sf = self.layout.slot_floats();
         let (kc, vc) = (&mut self.k[layer], &mut self.v[layer]);
         for (t, &slot) in slots.iter().enumerate() {
-            kc[slot * sf..(slot + 1) * sf].copy_from_slice(&k[t * sf..(t + 1) * sf]);
-            vc[slot * sf..(slot + 1) * sf].copy_from_slice(&v[t * sf..(t + 1) * sf]);
+            kc.store(slot * sf, &k[t * sf..(t + 1) * sf]);
+            vc.store(slot * sf, &v[t * sf..(t + 1) * sf]);
         }
     }
 }

@@ -390,7 +390,7 @@ impl LlamaModel {
                 _ => (batch.slot_mapping, &seqs),
             };
             cache.write(li, slots, &k, &vv);
-            paged_attention(pool, &q, &cache.k[li], &cache.v[li], layer_seqs, &params, &mut attn);
+            paged_attention(pool, &q, cache.k[li].as_slice(), cache.v[li].as_slice(), layer_seqs, &params, &mut attn);
             a.o_proj.forward(pool, &attn, t, &mut h);
             ad(Module::O, &attn, &mut h);
             if let Some(w) = &layer.attn_output_norm {
@@ -434,12 +434,17 @@ impl LlamaModel {
     /// One sequence through a fresh cache, without the scheduler: logits at `rows`
     /// (positions of `tokens`), `[rows.len(), vocab]`. For tests and tools.
     pub fn forward_sequence(&self, pool: &ThreadPool, tokens: &[u32], rows: &[usize], lora: Vec<AdapterRows<'_>>) -> Vec<f32> {
+        self.forward_sequence_kv(pool, tokens, rows, lora, crate::KvDtype::F32)
+    }
+
+    /// [`LlamaModel::forward_sequence`] with a KV cache of `dtype`.
+    pub fn forward_sequence_kv(&self, pool: &ThreadPool, tokens: &[u32], rows: &[usize], lora: Vec<AdapterRows<'_>>, dtype: crate::KvDtype) -> Vec<f32> {
         use crate::kv_cache::KvLayout;
         let c = &self.config;
         let bs = 16;
         let nb = tokens.len().div_ceil(bs);
         let layout = KvLayout { num_layers: c.num_layers, num_blocks: nb, block_size: bs, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
-        let mut cache = KvCache::new(layout);
+        let mut cache = KvCache::with_window_pool(layout, dtype, 0, &[]);
         let table: Vec<u32> = (0..nb as u32).collect();
         let positions: Vec<usize> = (0..tokens.len()).collect();
         let batch = BatchInput {

@@ -450,7 +450,7 @@ fn attention_case(b: &CudaBackend, pool: &ThreadPool, r: &mut StdRng, c: &AttnCa
     let q = randn(r, tokens * c.heads * c.head_dim, 1.0);
     let (kc, vc) = (randn(r, kv, 1.0), randn(r, kv, 1.0));
     let mut want = vec![0f32; q.len()];
-    paged_attention(pool, &q, &kc, &vc, &seqs, &p, &mut want);
+    paged_attention(pool, &q, engine::kv_cache::KvSlice::F32(&kc), engine::kv_cache::KvSlice::F32(&vc), &seqs, &p, &mut want);
     let plan = b.plan_attention(&seqs, &p).unwrap();
     let mut out = poisoned(b, q.len());
     let alibi = b.upload(&slopes).unwrap();

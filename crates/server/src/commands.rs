@@ -27,6 +27,9 @@ pub struct OfflineEngineArgs {
     /// Weight conversion at load: none, int8, fp8 or act8 (as for `serve`).
     #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
     pub quantize: engine::Quantize,
+    /// KV cache element type: f32 or f16 (as for `serve`).
+    #[arg(long, env = "TESSERA_KV_CACHE_DTYPE", default_value = "f32")]
+    pub kv_cache_dtype: engine::KvDtype,
     /// Where the model runs: cpu, cuda or auto (as for `serve`).
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     pub device: engine::Device,
@@ -49,6 +52,7 @@ impl OfflineEngineArgs {
             kv_cache_bytes: self.kv_cache_bytes,
             max_num_batched_tokens: self.max_num_batched_tokens.max(1),
             quantize: self.quantize,
+            kv_cache_dtype: self.kv_cache_dtype,
             device: self.device,
             ..EngineConfig::default()
         };
@@ -178,6 +182,7 @@ pub fn bench(args: BenchArgs) -> Result<(), ConfigError> {
             "model": h.info().name,
             "threads": args.engine.threads,
             "quantize": args.engine.quantize.as_str(),
+            "kv_cache_dtype": args.engine.kv_cache_dtype.as_str(),
             "device": args.engine.device.as_str(),
             "prompt_tokens": p,
             "decode_tokens": args.decode_tokens,

@@ -85,6 +85,11 @@ pub struct ServeArgs {
     /// INT8 activations: llama.cpp's arithmetic).
     #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
     pub quantize: engine::Quantize,
+    /// What the KV cache stores: f32 (exact attention) or f16 (half the cache bytes read
+    /// per decode row and stored per token, as llama.cpp's default). The CUDA backend
+    /// keeps f32.
+    #[arg(long, env = "TESSERA_KV_CACHE_DTYPE", default_value = "f32")]
+    pub kv_cache_dtype: engine::KvDtype,
     /// Where the model runs: cpu, cuda (fails at start, saying why, without a usable
     /// device) or auto (CUDA when this build has it and a device is usable, else CPU).
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
@@ -182,6 +187,7 @@ impl ServeArgs {
             max_queued_requests: self.max_queued_requests,
             max_loras: self.max_loras,
             quantize: self.quantize,
+            kv_cache_dtype: self.kv_cache_dtype,
             device: self.device,
             kernel_cache_dir: self.kernel_cache_dir.clone(),
             observer: None,

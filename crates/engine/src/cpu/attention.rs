@@ -14,6 +14,9 @@
 //! K/V cache of the layer: [slots, num_kv_heads, head_dim]
 //! ```
 
+use half::f16;
+
+use crate::kv_cache::KvSlice;
 use crate::threadpool::ThreadPool;
 
 pub const TILE: usize = 32;
@@ -50,8 +53,8 @@ pub struct AttnParams<'a> {
 pub fn paged_attention(
     pool: &ThreadPool,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: KvSlice<'_>,
+    v_cache: KvSlice<'_>,
     seqs: &[SeqAttn<'_>],
     p: &AttnParams<'_>,
     out: &mut [f32],
@@ -78,8 +81,8 @@ pub fn paged_attention(
 /// What every work item of one attention call shares.
 struct Ctx<'a> {
     q: &'a [f32],
-    kc: &'a [f32],
-    vc: &'a [f32],
+    kc: KvSlice<'a>,
+    vc: KvSlice<'a>,
     p: &'a AttnParams<'a>,
     out: *mut f32,
 }
@@ -105,27 +108,60 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 unsafe fn attend_item(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
             return attend_item_avx2(ctx, seq, g, qb);
         }
     }
-    attend_item_generic(ctx, seq, g, qb)
+    attend_item_generic(ctx, seq, g, qb, widen_portable)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_item_avx2(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
-    attend_item_generic(ctx, seq, g, qb)
+    // SAFETY: this function runs only where F16C was detected.
+    attend_item_generic(ctx, seq, g, qb, |s: &[f16], d: &mut [f32]| unsafe { widen_f16c(s, d) })
+}
+
+/// f16 to f32 (exact) one value at a time.
+#[inline(always)]
+fn widen_portable(src: &[f16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// f16 to f32 (exact) eight values at a time with F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n8 = src.len() / 8 * 8;
+    for i in (0..n8).step_by(8) {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    widen_portable(&src[n8..], &mut dst[n8..]);
+}
+
+/// Values `at .. at + dst.len()` of a cache layer, as f32 (exact for both dtypes).
+#[inline(always)]
+fn load(src: KvSlice<'_>, at: usize, dst: &mut [f32], widen: &impl Fn(&[f16], &mut [f32])) {
+    match src {
+        KvSlice::F32(v) => dst.copy_from_slice(&v[at..at + dst.len()]),
+        KvSlice::F16(v) => widen(&v[at..at + dst.len()], dst),
+    }
 }
 
 /// No FMA contraction happens in Rust, so this computes the same bits on every path.
+/// Each tile's K and V rows are first copied (widened from f16) into f32 buffers.
 #[inline(always)]
-unsafe fn attend_item_generic(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
+unsafe fn attend_item_generic(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize, widen: impl Fn(&[f16], &mut [f32])) {
     let Ctx { q, kc, vc, p, out } = *ctx;
     let d = p.head_dim;
     let group = p.num_heads / p.num_kv_heads;
     let row = p.num_heads * d;
     let slot_stride = p.num_kv_heads * d;
+    let (mut kt, mut vt) = (vec![0f32; TILE * d], vec![0f32; TILE * d]);
     let mut scores = vec![0f32; group * TILE];
     let mut acc = vec![0f32; group * d];
     let mut mx = vec![f32::NEG_INFINITY; group];
@@ -144,11 +180,16 @@ unsafe fn attend_item_generic(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: us
             let a = tile_start.max(lo);
             let b = (tile_start + TILE).min(pos + 1);
             let n = b - a;
-            // Scores for every head of the group against each key of the tile.
             for j in 0..n {
                 let kp = a + j;
                 let slot = seq.block_table[kp / p.block_size] as usize * p.block_size + kp % p.block_size;
-                let krow = &kc[slot * slot_stride + g * d..slot * slot_stride + (g + 1) * d];
+                load(kc, slot * slot_stride + g * d, &mut kt[j * d..(j + 1) * d], &widen);
+                load(vc, slot * slot_stride + g * d, &mut vt[j * d..(j + 1) * d], &widen);
+            }
+            // Scores for every head of the group against each key of the tile.
+            for j in 0..n {
+                let kp = a + j;
+                let krow = &kt[j * d..(j + 1) * d];
                 for h in 0..group {
                     let qh = g * group + h;
                     let mut s = dot(&qrow[qh * d..(qh + 1) * d], krow) * p.scale;
@@ -179,9 +220,7 @@ unsafe fn attend_item_generic(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: us
                 }
             }
             for j in 0..n {
-                let kp = a + j;
-                let slot = seq.block_table[kp / p.block_size] as usize * p.block_size + kp % p.block_size;
-                let vrow = &vc[slot * slot_stride + g * d..slot * slot_stride + (g + 1) * d];
+                let vrow = &vt[j * d..(j + 1) * d];
                 for h in 0..group {
                     let w = scores[h * TILE + j];
                     for (o, &v) in acc[h * d..(h + 1) * d].iter_mut().zip(vrow) {
@@ -250,6 +289,21 @@ mod tests {
         p: &AttnParams<'_>,
         rng: &mut rand::rngs::StdRng,
     ) -> Vec<f32> {
+        run_paged_as(crate::KvDtype::F32, q, k, v, ctx, qlen, p, rng)
+    }
+
+    /// `k` and `v` scattered into shuffled blocks of a cache of `dtype`, then attention.
+    #[allow(clippy::too_many_arguments)]
+    fn run_paged_as(
+        dtype: crate::KvDtype,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        ctx: usize,
+        qlen: usize,
+        p: &AttnParams<'_>,
+        rng: &mut rand::rngs::StdRng,
+    ) -> Vec<f32> {
         let bs = p.block_size;
         let nblocks = ctx.div_ceil(bs);
         // Scatter into shuffled blocks of a larger pool.
@@ -258,18 +312,43 @@ mod tests {
             ids.swap(i, rng.random_range(0..=i));
         }
         let table: Vec<u32> = ids[..nblocks].to_vec();
-        let sf = p.num_kv_heads * p.head_dim;
-        let mut kc = vec![f32::NAN; nblocks * 2 * bs * sf];
-        let mut vc = kc.clone();
-        for j in 0..ctx {
-            let slot = table[j / bs] as usize * bs + j % bs;
-            kc[slot * sf..(slot + 1) * sf].copy_from_slice(&k[j * sf..(j + 1) * sf]);
-            vc[slot * sf..(slot + 1) * sf].copy_from_slice(&v[j * sf..(j + 1) * sf]);
+        let layout = crate::kv_cache::KvLayout { num_layers: 1, num_blocks: nblocks * 2, block_size: bs, num_kv_heads: p.num_kv_heads, head_dim: p.head_dim };
+        let mut cache = crate::kv_cache::KvCache::with_window_pool(layout, dtype, 0, &[]);
+        // Slots no key was written to are NaN: reading one would show.
+        for buf in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            match buf {
+                crate::kv_cache::KvBuf::F32(b) => b.fill(f32::NAN),
+                crate::kv_cache::KvBuf::F16(b) => b.fill(f16::NAN),
+            }
         }
+        let slots: Vec<usize> = (0..ctx).map(|j| table[j / bs] as usize * bs + j % bs).collect();
+        cache.write(0, &slots, k, v);
         let seqs = [SeqAttn { query_start: 0, query_len: qlen, context_len: ctx, block_table: &table }];
         let mut out = vec![f32::NAN; q.len()];
-        paged_attention(&ThreadPool::new(2), q, &kc, &vc, &seqs, p, &mut out);
+        paged_attention(&ThreadPool::new(2), q, cache.k[0].as_slice(), cache.v[0].as_slice(), &seqs, p, &mut out);
         out
+    }
+
+    /// An f16 cache gives exactly what an f32 cache holding the same values, rounded to
+    /// f16, gives: values are rounded once when written and widened exactly when read.
+    #[test]
+    fn f16_cache_equals_f32_cache_of_rounded_values() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // head_dim 20: widening runs eight at a time plus a tail.
+        let (h, kvh, d, ctx, qlen) = (6, 2, 20, 150, 3);
+        let p = AttnParams { num_heads: h, num_kv_heads: kvh, head_dim: d, block_size: 16, scale: 0.2, sliding_window: None, softcap: None, alibi_slopes: None };
+        let q: Vec<f32> = (0..qlen * h * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let k: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let v: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let round = |x: &[f32]| x.iter().map(|&e| f16::from_f32(e).to_f32()).collect::<Vec<_>>();
+        let (kr, vr) = (round(&k), round(&v));
+        assert_ne!(k, kr, "the test needs values that f16 rounds");
+        let half = run_paged_as(crate::KvDtype::F16, &q, &k, &v, ctx, qlen, &p, &mut rng);
+        assert_eq!(half, run_paged_as(crate::KvDtype::F32, &q, &kr, &vr, ctx, qlen, &p, &mut rng));
+        let exact = run_paged(&q, &k, &v, ctx, qlen, &p, &mut rng);
+        for (a, b) in half.iter().zip(&exact) {
+            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        }
     }
 
     #[test]
