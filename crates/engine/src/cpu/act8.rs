@@ -347,9 +347,11 @@ mod x86 {
     /// the group sum.
     #[inline(always)]
     unsafe fn tile_q4_1_on<const MR: usize, const NR: usize, const VNNI: bool>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize) {
+        const { assert!(NR <= 4, "the offsets of a tile's columns share one 4-lane register") };
         let low = _mm_set1_epi8(0x0f);
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        let mut accm = [[0f32; NR]; MR];
+        // Lane c: the offset FMA chain of column c (lanes past NR stay 0).
+        let mut accm = [_mm_setzero_ps(); MR];
         let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
         let pf = w.w.wrapping_add((c0 + NR) * w.rb);
         for g in 0..kp / 32 {
@@ -357,30 +359,36 @@ mod x86 {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * 20 * NR + l * 64) as *const i8);
             }
             let mut wv = [_mm256_setzero_si256(); NR];
-            let mut d = [(0f32, 0f32); NR];
+            let mut dv = [_mm256_setzero_ps(); NR];
+            let mut mv = [0f32; 4];
             for c in 0..NR {
                 let blk = w.w.add((c0 + c) * w.rb + g * 20);
-                d[c] = dm(blk);
+                let (d, m) = dm(blk);
+                (dv[c], mv[c]) = (_mm256_set1_ps(d), m);
                 let q = _mm_loadu_si128(blk.add(4) as *const __m128i);
                 let lo = _mm_and_si128(q, low);
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low);
                 wv[c] = _mm256_set_m128i(hi, lo);
             }
+            let mv = _mm_loadu_ps(mv.as_ptr());
             for r in 0..MR {
                 let xv = _mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i);
-                let (sx, xs) = (*rows[r].0.add(g), *rows[r].1.add(g));
+                let (sx, xs) = (_mm256_set1_ps(*rows[r].0.add(g)), *rows[r].1.add(g));
                 for c in 0..NR {
+                    // s_x · d as a vector multiply: the same rounding as the scalar one.
                     let dot = _mm256_cvtepi32_ps(dot_us::<VNNI>(wv[c], xv));
-                    acc[r][c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sx * d[c].0), acc[r][c]);
-                    accm[r][c] = d[c].1.mul_add(xs, accm[r][c]);
+                    acc[r][c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sx, dv[c]), acc[r][c]);
                 }
+                accm[r] = _mm_fmadd_ps(mv, _mm_set1_ps(xs), accm[r]);
             }
         }
         for r in 0..MR {
+            let mut m = [0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), accm[r]);
             for c in 0..NR {
                 let mut a = [0f32; 8];
                 _mm256_storeu_ps(a.as_mut_ptr(), acc[r][c]);
-                *y.add(r * ldy + c) = lane_sum(a) + accm[r][c];
+                *y.add(r * ldy + c) = lane_sum(a) + m[c];
             }
         }
     }
@@ -396,18 +404,18 @@ mod x86 {
                 _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * 34 * NR + l * 64) as *const i8);
             }
             let mut wv = [_mm256_setzero_si256(); NR];
-            let mut d = [0f32; NR];
+            let mut dv = [_mm256_setzero_ps(); NR];
             for c in 0..NR {
                 let blk = w.w.add((c0 + c) * w.rb + g * 34);
-                d[c] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const u16).read_unaligned() as i32)));
+                dv[c] = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const u16).read_unaligned() as i32))));
                 wv[c] = prep_w::<VNNI>(_mm256_loadu_si256(blk.add(2) as *const __m256i));
             }
             for r in 0..MR {
                 let xv = prep_x::<VNNI>(_mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i));
-                let sx = *rows[r].0.add(g);
+                let sx = _mm256_set1_ps(*rows[r].0.add(g));
                 for c in 0..NR {
                     let dot = _mm256_cvtepi32_ps(dot_ss::<VNNI>(wv[c], xv));
-                    acc[r][c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(sx * d[c]), acc[r][c]);
+                    acc[r][c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sx, dv[c]), acc[r][c]);
                 }
             }
         }
