@@ -214,25 +214,20 @@ impl Outliers<'_> {
     /// `half` widens an f16, as for [`A8Format::value`].
     #[inline(always)]
     unsafe fn add(&self, half: impl Fn(*const u8) -> f32) {
+        let bb = self.format.block_bytes();
         for i in 0..self.a.m {
             for &(col, v) in self.of_row(i) {
-                self.add_one(i, col as usize, v, 0, &half);
+                let (g, e) = (col as usize / 32, col as usize % 32);
+                for c in 0..self.rows {
+                    let wv = self.format.value(self.w.w.add(c * self.w.rb + g * bb), e, &half);
+                    *self.y.add(i * self.ldy + c) += v * wv;
+                }
             }
         }
     }
 
     fn of_row(&self, i: usize) -> &[(u32, f32)] {
         &self.a.outliers[self.a.row_outliers[i]..self.a.row_outliers[i + 1]]
-    }
-
-    /// Outlier `(col, v)` of activation row `i` into weight rows `c0 ..`.
-    #[inline(always)]
-    unsafe fn add_one(&self, i: usize, col: usize, v: f32, c0: usize, half: impl Fn(*const u8) -> f32) {
-        let (g, e, bb) = (col / 32, col % 32, self.format.block_bytes());
-        for c in c0..self.rows {
-            let wv = self.format.value(self.w.w.add(c * self.w.rb + g * bb), e, &half);
-            *self.y.add(i * self.ldy + c) += v * wv;
-        }
     }
 }
 
@@ -455,42 +450,73 @@ mod x86 {
         _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)))
     }
 
-    /// The outliers, eight weight rows at a time: each row's block header and code byte
-    /// gathered (32-bit loads that stay inside the block), `d·q + m` and `y + x·w` as a
-    /// multiply then an add, as the scalar path computes them, so the bits are the same;
-    /// the rows past a multiple of eight the scalar way.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn outliers(o: &super::Outliers<'_>) {
+    /// Column `col` of the strip's weight rows `0 .. rows` into `dst`, eight rows at a
+    /// time: each row's block header and code byte gathered (32-bit loads that stay inside
+    /// the block), `d·q + m` as a multiply then an add, as [`A8Format::value`] computes
+    /// it; the rows past a multiple of eight the scalar way.
+    #[inline(always)]
+    unsafe fn weight_column(o: &super::Outliers<'_>, col: usize, dst: &mut [f32]) {
         let half = |p: *const u8| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)));
         let (w, bb) = (o.w, o.format.block_bytes());
         let q41 = o.format == super::A8Format::Q4_1;
         let rows8 = o.rows / 8 * 8;
         let offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(w.rb as i32));
+        let (g, e) = (col / 32, col % 32);
+        // The code's byte in its block, and a 32-bit load around it that starts inside
+        // the block: the byte sits at `p - at` in the loaded lane.
+        let p = if q41 { 4 + e % 16 } else { 2 + e };
+        let at = p.saturating_sub(3);
+        let up = _mm_cvtsi32_si128(8 * (3 - (p - at)) as i32);
+        let nib = _mm_cvtsi32_si128(if e < 16 { 0 } else { 4 });
+        for c in (0..rows8).step_by(8) {
+            let blk = w.w.add(c * w.rb + g * bb);
+            let head = _mm256_i32gather_epi32::<1>(blk as *const i32, offs);
+            let byte = _mm256_sll_epi32(_mm256_i32gather_epi32::<1>(blk.add(at) as *const i32, offs), up);
+            let wv = if q41 {
+                let q = _mm256_and_si256(_mm256_srl_epi32(_mm256_srli_epi32::<24>(byte), nib), _mm256_set1_epi32(0x0f));
+                _mm256_add_ps(_mm256_mul_ps(low_halves(head), _mm256_cvtepi32_ps(q)), low_halves(_mm256_srli_epi32::<16>(head)))
+            } else {
+                _mm256_mul_ps(low_halves(head), _mm256_cvtepi32_ps(_mm256_srai_epi32::<24>(byte)))
+            };
+            _mm256_storeu_ps(dst.as_mut_ptr().add(c), wv);
+        }
+        for (c, d) in dst.iter_mut().enumerate().take(o.rows).skip(rows8) {
+            *d = o.format.value(w.w.add(c * w.rb + g * bb), e, half);
+        }
+    }
+
+    /// The outliers: each distinct outlier column's weights decoded once
+    /// ([`weight_column`]; a batch's tokens put their outliers in the same few channels),
+    /// then `y + x·w` over the rows, a multiply then an add, eight at a time, in the
+    /// scalar path's order, so the bits are those of [`super::Outliers::add`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn outliers(o: &super::Outliers<'_>) {
+        if o.a.outliers.is_empty() {
+            return;
+        }
+        let (rows, rows8) = (o.rows, o.rows / 8 * 8);
+        let (mut cols, mut wbuf): (Vec<u32>, Vec<f32>) = (Vec::new(), Vec::new());
         for i in 0..o.a.m {
             for &(col, v) in o.of_row(i) {
-                let (g, e) = (col as usize / 32, col as usize % 32);
-                // The code's byte in its block, and a 32-bit load around it that starts
-                // inside the block: the byte sits at `bi` in the loaded lane.
-                let p = if q41 { 4 + e % 16 } else { 2 + e };
-                let at = p.saturating_sub(3);
-                let up = _mm_cvtsi32_si128(8 * (3 - (p - at)) as i32);
-                let nib = _mm_cvtsi32_si128(if e < 16 { 0 } else { 4 });
+                let at = match cols.iter().position(|&c| c == col) {
+                    Some(at) => at,
+                    None => {
+                        cols.push(col);
+                        wbuf.resize(cols.len() * rows, 0.0);
+                        weight_column(o, col as usize, &mut wbuf[(cols.len() - 1) * rows..]);
+                        cols.len() - 1
+                    }
+                };
+                let wc = &wbuf[at * rows..(at + 1) * rows];
                 let vv = _mm256_set1_ps(v);
                 let y = o.y.add(i * o.ldy);
                 for c in (0..rows8).step_by(8) {
-                    let blk = w.w.add(c * w.rb + g * bb);
-                    let head = _mm256_i32gather_epi32::<1>(blk as *const i32, offs);
-                    let byte = _mm256_sll_epi32(_mm256_i32gather_epi32::<1>(blk.add(at) as *const i32, offs), up);
-                    let wv = if q41 {
-                        let q = _mm256_and_si256(_mm256_srl_epi32(_mm256_srli_epi32::<24>(byte), nib), _mm256_set1_epi32(0x0f));
-                        _mm256_add_ps(_mm256_mul_ps(low_halves(head), _mm256_cvtepi32_ps(q)), low_halves(_mm256_srli_epi32::<16>(head)))
-                    } else {
-                        _mm256_mul_ps(low_halves(head), _mm256_cvtepi32_ps(_mm256_srai_epi32::<24>(byte)))
-                    };
                     let yc = y.add(c);
-                    _mm256_storeu_ps(yc, _mm256_add_ps(_mm256_loadu_ps(yc), _mm256_mul_ps(vv, wv)));
+                    _mm256_storeu_ps(yc, _mm256_add_ps(_mm256_loadu_ps(yc), _mm256_mul_ps(vv, _mm256_loadu_ps(wc.as_ptr().add(c)))));
                 }
-                o.add_one(i, col as usize, v, rows8, half);
+                for c in rows8..rows {
+                    *y.add(c) += v * wc[c];
+                }
             }
         }
     }
@@ -557,8 +583,13 @@ mod tests {
             for w in [A8Weight { format: A8Format::Q4_1, blocks: q41.clone() }, A8Weight { format: A8Format::Q8_0, blocks: quantize_q8_0(&dense) }] {
                 let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                 if k >= 64 {
+                    // Massive activations: a column of each even row's own, and one that
+                    // several rows share (its weights are decoded once per task).
                     for i in (0..m).step_by(2) {
                         x[i * k + (i * 7) % k] = 40.0;
+                        if k >= 512 {
+                            x[i * k + 33] = -35.0;
+                        }
                     }
                 }
                 let mut acts = QuantActs::new();
