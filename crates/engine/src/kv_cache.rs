@@ -3,9 +3,14 @@
 //! ```text
 //! token position p of a request  ──►  block_table[p / block_size], offset p % block_size
 //! slot = block_id * block_size + offset
-//! layer storage  K, V: [num_blocks, block_size, num_kv_heads, head_dim]  (f32 or f16)
-//!                      └──────── slot ────────┘
+//! layer storage  V: [num_blocks, block_size, num_kv_heads, head_dim]  (f32 or f16)
+//!                     └──────── slot ────────┘
+//!                K: [num_blocks, num_kv_heads, head_dim, block_size]  (transposed in a block)
 //! ```
+//!
+//! K is stored transposed inside each block so that attention reads a run of keys of one
+//! dimension as contiguous memory: it scores a query against a tile of keys lane by lane
+//! (one lane a key), with no transposition when it reads the cache.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -93,6 +98,19 @@ impl KvLayout {
     pub fn slot_floats(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
+
+    /// Where K of `slot`, KV head `head`, dimension `e` sits in a layer's K storage; the
+    /// next dimension is `block_size` further, the next slot of the block one further.
+    pub fn k_index(&self, slot: usize, head: usize, e: usize) -> usize {
+        let (block, o) = (slot / self.block_size, slot % self.block_size);
+        ((block * self.num_kv_heads + head) * self.head_dim + e) * self.block_size + o
+    }
+
+    /// Where V of `slot`, KV head `head`, dimension `e` sits (slot-major, as the rows the
+    /// model produces).
+    pub fn v_index(&self, slot: usize, head: usize, e: usize) -> usize {
+        (slot * self.num_kv_heads + head) * self.head_dim + e
+    }
 }
 
 /// One layer's K or V storage.
@@ -123,6 +141,14 @@ impl KvBuf {
         match self {
             KvBuf::F32(v) => v[at..at + src.len()].copy_from_slice(src),
             KvBuf::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    /// One value, rounded as [`KvBuf::store`] rounds.
+    fn store_one(&mut self, at: usize, x: f32) {
+        match self {
+            KvBuf::F32(v) => v[at] = x,
+            KvBuf::F16(v) => v[at] = f16::from_f32(x),
         }
     }
 }
@@ -177,13 +203,20 @@ impl KvCache {
         }
     }
 
-    /// Writes K and V of `tokens` rows (`[tokens, kv_heads * head_dim]`) into their slots.
+    /// Writes K and V of `tokens` rows (`[tokens, kv_heads * head_dim]`) into their slots
+    /// (K transposed within its block: [`KvLayout::k_index`]).
     pub fn write(&mut self, layer: usize, slots: &[usize], k: &[f32], v: &[f32]) {
-        let sf = self.layout.slot_floats();
+        let l = self.layout;
+        let sf = l.slot_floats();
         let (kc, vc) = (&mut self.k[layer], &mut self.v[layer]);
         for (t, &slot) in slots.iter().enumerate() {
-            kc.store(slot * sf, &k[t * sf..(t + 1) * sf]);
-            vc.store(slot * sf, &v[t * sf..(t + 1) * sf]);
+            let krow = &k[t * sf..(t + 1) * sf];
+            for h in 0..l.num_kv_heads {
+                for e in 0..l.head_dim {
+                    kc.store_one(l.k_index(slot, h, e), krow[h * l.head_dim + e]);
+                }
+            }
+            vc.store(l.v_index(slot, 0, 0), &v[t * sf..(t + 1) * sf]);
         }
     }
 }

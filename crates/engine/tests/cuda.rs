@@ -449,8 +449,19 @@ fn attention_case(b: &CudaBackend, pool: &ThreadPool, r: &mut StdRng, c: &AttnCa
     let kv = blocks * bs * c.kv_heads * c.head_dim;
     let q = randn(r, tokens * c.heads * c.head_dim, 1.0);
     let (kc, vc) = (randn(r, kv, 1.0), randn(r, kv, 1.0));
+    // The device cache is slot-major for K and V; the CPU keeps K transposed within each
+    // block: the same values, moved to the CPU's layout for the reference.
+    let layout = engine::kv_cache::KvLayout { num_layers: 1, num_blocks: blocks, block_size: bs, num_kv_heads: c.kv_heads, head_dim: c.head_dim };
+    let mut kc_cpu = vec![f32::NAN; kv];
+    for slot in 0..blocks * bs {
+        for h in 0..c.kv_heads {
+            for e in 0..c.head_dim {
+                kc_cpu[layout.k_index(slot, h, e)] = kc[layout.v_index(slot, h, e)];
+            }
+        }
+    }
     let mut want = vec![0f32; q.len()];
-    paged_attention(pool, &q, engine::kv_cache::KvSlice::F32(&kc), engine::kv_cache::KvSlice::F32(&vc), &seqs, &p, &mut want);
+    paged_attention(pool, &q, engine::kv_cache::KvSlice::F32(&kc_cpu), engine::kv_cache::KvSlice::F32(&vc), &seqs, &p, &mut want);
     let plan = b.plan_attention(&seqs, &p).unwrap();
     let mut out = poisoned(b, q.len());
     let alibi = b.upload(&slopes).unwrap();

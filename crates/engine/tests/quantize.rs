@@ -37,10 +37,14 @@ fn loaded(q: Quantize) -> LlamaModel {
     m
 }
 
-/// INT8 within 1% and FP8 within 3% of the float32 reference (24.924); act8 (the Q4_1
-/// blocks as they are, INT8 activations) within 0.2% (measured +0.02%); the unquantized
-/// path within 0.05%, which checks this harness against the fixture's recipe. An f16 KV
-/// cache: within 0.1% unquantized (measured -0.004%), 0.2% with act8 (measured -0.02%).
+/// INT8 within 1% and FP8 within 3% of the float32 reference (24.924; measured +0.42%,
+/// +0.96%); act8 (the Q4_1 blocks as they are, INT8 activations) within 0.4% (measured
+/// +0.09%); the unquantized path within 0.05%, which checks this harness against the
+/// fixture's recipe. An f16 KV cache: within 0.1% unquantized (measured -0.004%), 0.4%
+/// with act8 (measured +0.17%). act8's figure moves by about 0.1% with float-rounding
+/// changes upstream of its activation quantization (the attention kernel's exponential,
+/// libm's or its own, moved it from +0.09/+0.17% to +0.10/+0.10%; the previous kernel
+/// gave +0.02/-0.02%), so its bound leaves room for that.
 #[test]
 fn perplexity_of_each_quantization_is_near_the_float32_reference() {
     let g = golden("perplexity.json");
@@ -52,8 +56,8 @@ fn perplexity_of_each_quantization_is_near_the_float32_reference() {
         (Quantize::None, KvDtype::F16, 0.001),
         (Quantize::Int8, KvDtype::F32, 0.01),
         (Quantize::Fp8, KvDtype::F32, 0.03),
-        (Quantize::Act8, KvDtype::F32, 0.002),
-        (Quantize::Act8, KvDtype::F16, 0.002),
+        (Quantize::Act8, KvDtype::F32, 0.004),
+        (Quantize::Act8, KvDtype::F16, 0.004),
     ];
     for (q, kv, tol) in cases {
         let model = loaded(q);
@@ -69,27 +73,73 @@ fn perplexity_of_each_quantization_is_near_the_float32_reference() {
 /// every base fixture prompt until the reference itself is nearly undecided: tokens must
 /// be equal up to the first step whose reference top-1/top-2 logprob margin is below
 /// `CLOSE` (a 0.5%-perplexity model may flip such a step; measured: see the printout), and
-/// over all prompts at least 65% of the reference tokens come before the first difference
-/// (measured: 165 of 232, 71%).
+/// over all prompts at least 60% of the reference tokens come before the first difference
+/// (measured: 150 of 232, 65%; 165 before the attention kernel's summation order changed
+/// by float rounding: which close call flips first moves this count, so the step-by-step
+/// check is `teacher_forced_top1_equals_the_reference_at_every_firm_step`).
 #[test]
 fn int8_greedy_tokens_agree_with_the_reference() {
-    greedy_tokens_agree(Quantize::Int8, KvDtype::F32, 65);
+    greedy_tokens_agree(Quantize::Int8, KvDtype::F32, 60);
 }
 
-/// The same for act8, whose perplexity is within 0.02% of float32: at least 80% of the
-/// reference tokens before the first difference (measured: 216 of 232, 93%).
+/// The same for act8, whose perplexity is within 0.1% of float32: at least 80% of the
+/// reference tokens before the first difference (measured: 198 of 232, 85%).
 #[test]
 fn act8_greedy_tokens_agree_with_the_reference() {
     greedy_tokens_agree(Quantize::Act8, KvDtype::F32, 80);
 }
 
 /// An f16 KV cache, on the exact weights path (measured: 232 of 232, asserted 95%) and
-/// under act8, the fast combination (measured: 175 of 232, 75%, asserted 70%): the same
+/// under act8, the fast combination (measured: 196 of 232, 84%, asserted 70%): the same
 /// rule, every prompt follows the reference up to its first close call.
 #[test]
 fn f16_kv_cache_greedy_tokens_agree_with_the_reference() {
     greedy_tokens_agree(Quantize::None, KvDtype::F16, 95);
     greedy_tokens_agree(Quantize::Act8, KvDtype::F16, 70);
+}
+
+/// Teacher-forced: the reference's prompt and generated tokens in one forward pass, the
+/// next-token choice checked at every generated position. Unlike free-running greedy
+/// decoding this does not end at the first flip, so every step counts. At every step where
+/// the reference's top-1/top-2 logprob margin is at least `CLOSE` the quantized model's
+/// top-1 must be the reference token: int8 and act8 at all of them (measured: 208 of 208
+/// both), fp8 (within 3% perplexity) at 95% (measured 201 of 208); the close steps are
+/// reported (int8 17 of 24, act8 21, fp8 16).
+#[test]
+fn teacher_forced_top1_equals_the_reference_at_every_firm_step() {
+    const CLOSE: f64 = 0.25;
+    let g = golden("base.json");
+    let pool = ThreadPool::new(2);
+    for (q, min_percent) in [(Quantize::Int8, 100), (Quantize::Fp8, 95), (Quantize::Act8, 100)] {
+        let model = loaded(q);
+        let vocab = model.config.vocab_size;
+        let (mut firm, mut firm_same, mut close, mut close_same) = (0usize, 0usize, 0usize, 0usize);
+        for p in g["prompts"].as_array().unwrap() {
+            let (prompt, want) = (ids(&p["prompt_ids"]), ids(&p["generated_ids"]));
+            let mut tokens = prompt.clone();
+            tokens.extend_from_slice(&want[..want.len() - 1]);
+            let rows: Vec<usize> = (prompt.len() - 1..tokens.len()).collect();
+            let logits = model.forward_sequence_kv(&pool, &tokens, &rows, Vec::new(), KvDtype::F32);
+            for (i, (row, step)) in logits.chunks_exact(vocab).zip(p["steps"].as_array().unwrap()).enumerate() {
+                let top = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32;
+                let lp = step["top5_logprobs"].as_array().unwrap();
+                let margin = lp[0].as_f64().unwrap() - lp[1].as_f64().unwrap();
+                if margin >= CLOSE {
+                    firm += 1;
+                    firm_same += (top == want[i]) as usize;
+                    if top != want[i] {
+                        eprintln!("{} {}: step {i} (reference margin {margin:.3}) picks {top}, not {}", q.as_str(), p["name"], want[i]);
+                    }
+                } else {
+                    close += 1;
+                    close_same += (top == want[i]) as usize;
+                }
+            }
+        }
+        eprintln!("{}: top-1 equal at {firm_same} of {firm} firm steps, {close_same} of {close} close ones", q.as_str());
+        assert!(firm >= 150, "the fixtures have firm steps to check");
+        assert!(firm_same * 100 >= firm * min_percent, "{}: top-1 equal at only {firm_same} of {firm} firm steps", q.as_str());
+    }
 }
 
 fn greedy_tokens_agree(q: Quantize, kv: KvDtype, min_percent: usize) {
