@@ -161,8 +161,10 @@ pub enum Quantize {
     Int8,
     /// FP8 E4M3 with a scale per output channel; f32 activations.
     Fp8,
-    /// GGUF Q4_1 blocks kept as they are (other formats to Q8_0 blocks), activations
-    /// INT8 per token in groups of 32: llama.cpp's arithmetic, the fewest bytes per step.
+    /// GGUF Q4_1 blocks kept as they are (other formats to Q8_0 blocks). Generated tokens
+    /// multiply INT8 activations (per token, groups of 32: llama.cpp's arithmetic, the
+    /// fewest bytes per decode step); prompt tokens multiply f32 activations with the same
+    /// blocks (the `none` kernels: exact, and faster for batches on AVX-512).
     Act8,
 }
 

@@ -428,6 +428,7 @@ impl EngineLoop {
         let mut positions = Vec::with_capacity(out.num_tokens);
         let mut slots = Vec::with_capacity(out.num_tokens);
         let mut logits_rows = Vec::new();
+        let mut f32_rows = Vec::with_capacity(out.num_tokens);
         let mut tables: Vec<Vec<u32>> = Vec::with_capacity(out.seqs.len());
         let windowed = self.sched.window.is_some();
         let mut window_tables: Vec<Vec<u32>> = Vec::new();
@@ -439,6 +440,7 @@ impl EngineLoop {
             for p in s.start..s.start + s.len {
                 token_ids.push(st.tokens[p]);
                 positions.push(p);
+                f32_rows.push(p < st.prompt_len);
                 slots.push(table[p / bs] as usize * bs + p % bs);
                 if windowed {
                     window_slots.push(wtable[p / bs] as usize * bs + p % bs);
@@ -486,6 +488,7 @@ impl EngineLoop {
             window_slot_mapping: windowed.then_some(window_slots.as_slice()),
             logits_rows: &logits_rows,
             lora: groups,
+            f32_rows: &f32_rows,
         };
         match &mut self.runner {
             Runner::Cpu(cache) => Ok(self.model.forward(&self.pool, &batch, cache)),

@@ -6,7 +6,7 @@
 //! sequence through the paged KV cache.
 
 use crate::cpu::attention::{paged_attention, AttnParams, SeqAttn};
-use crate::cpu::matmul::{matmul_many, Linear};
+use crate::cpu::matmul::{matmul_many, matmul_many_acts, Linear, Weight};
 use crate::cpu::ops::{self, Rope};
 use crate::kv_cache::KvCache;
 use crate::lora::{self, AdapterRows, Module};
@@ -273,6 +273,60 @@ pub struct BatchInput<'a> {
     pub logits_rows: &'a [usize],
     /// LoRA adapters of this step and the rows each applies to.
     pub lora: Vec<AdapterRows<'a>>,
+    /// Rows whose linear layers multiply f32 activations even under `--quantize act8`:
+    /// the engine marks prompt tokens (positions before the request's prompt length, so a
+    /// recomputed generated token stays on the INT8 path). Empty: none. Under other
+    /// choices it changes nothing.
+    pub f32_rows: &'a [bool],
+}
+
+/// The rows of one step split by how their activations are multiplied (`f32_rows`).
+enum RowSplit {
+    /// Every row as its weights ask.
+    AsStored,
+    /// Every row with f32 activations.
+    F32,
+    /// Rows `f32` with f32 activations, rows `stored` as the weights ask.
+    Mixed { f32: Vec<usize>, stored: Vec<usize> },
+}
+
+impl RowSplit {
+    fn new(f32_rows: &[bool], t: usize, act8: bool) -> RowSplit {
+        let marked = f32_rows.iter().filter(|&&b| b).count();
+        if !act8 || marked == 0 {
+            return RowSplit::AsStored;
+        }
+        assert_eq!(f32_rows.len(), t, "f32_rows marks every row or none");
+        if marked == t {
+            return RowSplit::F32;
+        }
+        let (f32, stored) = (0..t).partition(|&r| f32_rows[r]);
+        RowSplit::Mixed { f32, stored }
+    }
+
+    /// `y_i = x · W_iᵀ` for `x[t, K]`, each row as the split says.
+    fn matmul(&self, pool: &ThreadPool, x: &[f32], t: usize, outs: &mut [(&Linear, &mut [f32])]) {
+        use crate::cpu::matmul::Acts;
+        match self {
+            RowSplit::AsStored => matmul_many(pool, x, t, outs),
+            RowSplit::F32 => matmul_many_acts(pool, x, t, outs, Acts::F32),
+            RowSplit::Mixed { f32, stored } => {
+                let k = x.len() / t;
+                for (rows, acts) in [(f32, Acts::F32), (stored, Acts::AsStored)] {
+                    let xs: Vec<f32> = rows.iter().flat_map(|&r| x[r * k..(r + 1) * k].iter().copied()).collect();
+                    let mut ys: Vec<Vec<f32>> = outs.iter().map(|o| vec![0f32; rows.len() * o.0.out_features]).collect();
+                    let mut part: Vec<(&Linear, &mut [f32])> = outs.iter().zip(ys.iter_mut()).map(|(o, y)| (o.0, y.as_mut_slice())).collect();
+                    matmul_many_acts(pool, &xs, rows.len(), &mut part, acts);
+                    for ((lin, y), ys) in outs.iter_mut().zip(&ys) {
+                        let n = lin.out_features;
+                        for (i, &r) in rows.iter().enumerate() {
+                            y[r * n..(r + 1) * n].copy_from_slice(&ys[i * n..(i + 1) * n]);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl BatchInput<'_> {
@@ -346,6 +400,8 @@ impl LlamaModel {
         let mut attn = vec![0f32; t * qd];
         let (mut gate, mut up) = (vec![0f32; t * c.intermediate_size], vec![0f32; t * c.intermediate_size]);
         let (seqs, window_seqs) = (batch.attn_seqs(false), batch.attn_seqs(true));
+        let act8 = self.layers.iter().any(|l| matches!(l.mlp.up_proj.weight, Weight::A8(_)));
+        let split = RowSplit::new(batch.f32_rows, t, act8);
         let eps = c.rms_norm_eps;
         for (li, layer) in self.layers.iter().enumerate() {
             let local = v.local_layers.get(li).copied().unwrap_or(false);
@@ -361,7 +417,7 @@ impl LlamaModel {
             };
             ops::rms_norm(&x, &layer.input_layernorm, eps, v.norm_offset, &mut h);
             let a = &layer.self_attn;
-            matmul_many(pool, &h, t, &mut [(&a.q_proj, &mut q), (&a.k_proj, &mut k), (&a.v_proj, &mut vv)]);
+            split.matmul(pool, &h, t, &mut [(&a.q_proj, &mut q), (&a.k_proj, &mut k), (&a.v_proj, &mut vv)]);
             let ad = |m: Module, x: &[f32], y: &mut [f32]| lora::apply(pool, &batch.lora, li, m, x, y);
             ad(Module::Q, &h, &mut q);
             ad(Module::K, &h, &mut k);
@@ -391,14 +447,14 @@ impl LlamaModel {
             };
             cache.write(li, slots, &k, &vv);
             paged_attention(pool, &q, cache.k[li].as_slice(), cache.v[li].as_slice(), layer_seqs, &params, &mut attn);
-            a.o_proj.forward(pool, &attn, t, &mut h);
+            split.matmul(pool, &attn, t, &mut [(&a.o_proj, &mut h)]);
             ad(Module::O, &attn, &mut h);
             if let Some(w) = &layer.attn_output_norm {
                 ops::rms_norm_inplace(&mut h, w, eps, v.norm_offset);
             }
             ops::add_inplace(&mut x, &h);
             ops::rms_norm(&x, &layer.post_attention_layernorm, eps, v.norm_offset, &mut h);
-            matmul_many(pool, &h, t, &mut [(&layer.mlp.gate_proj, &mut gate), (&layer.mlp.up_proj, &mut up)]);
+            split.matmul(pool, &h, t, &mut [(&layer.mlp.gate_proj, &mut gate), (&layer.mlp.up_proj, &mut up)]);
             ad(Module::Gate, &h, &mut gate);
             ad(Module::Up, &h, &mut up);
             let inter = c.intermediate_size;
@@ -410,7 +466,7 @@ impl LlamaModel {
                     Activation::GeluTanh => ops::gelu_tanh_mul(g, u),
                 }
             });
-            layer.mlp.down_proj.forward(pool, &gate, t, &mut h);
+            split.matmul(pool, &gate, t, &mut [(&layer.mlp.down_proj, &mut h)]);
             ad(Module::Down, &gate, &mut h);
             if let Some(w) = &layer.mlp_output_norm {
                 ops::rms_norm_inplace(&mut h, w, eps, v.norm_offset);
@@ -455,6 +511,8 @@ impl LlamaModel {
             window_slot_mapping: None,
             logits_rows: rows,
             lora,
+            // Every row as its weights ask: under act8 this measures the INT8 path.
+            f32_rows: &[],
         };
         self.forward(pool, &batch, &mut cache)
     }

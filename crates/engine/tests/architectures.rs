@@ -252,6 +252,7 @@ fn engine_logits(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         window_slot_mapping: None,
         logits_rows: &pos,
         lora: Vec::new(),
+        f32_rows: &[],
     };
     let flat = m.forward(&pool, &batch, &mut cache);
     flat.chunks(c.vocab_size).map(|r| r.to_vec()).collect()
@@ -374,7 +375,7 @@ fn cuda_forward_matches_cpu_on_every_architecture() {
             // Sequence 1 runs with the adapter, the others on the base weights.
             let segments: Vec<(usize, usize)> = step.iter().zip(&seqs).filter(|(st, _)| st.0 == 1).map(|(_, q)| (q.query_start, q.query_len)).collect();
             let lora = vec![engine::lora::AdapterRows { adapter: &adapter, segments }];
-            let batch = BatchInput { token_ids: &ids, positions: &pos, seqs, slot_mapping: &slots, window_slot_mapping: None, logits_rows: &rows, lora };
+            let batch = BatchInput { token_ids: &ids, positions: &pos, seqs, slot_mapping: &slots, window_slot_mapping: None, logits_rows: &rows, lora, f32_rows: &[] };
             let want = m.forward(&pool, &batch, &mut cache);
             let got = cm.forward(&batch).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(got.len(), want.len());

@@ -81,8 +81,8 @@ pub struct ServeArgs {
     pub threads: Option<usize>,
     /// Convert the linear layers' weights at load: none (keep the checkpoint's format),
     /// int8 (per-channel INT8 weights, per-token INT8 activations), fp8 (E4M3 weights
-    /// with per-channel scales) or act8 (Q4_1 blocks kept, other formats to Q8_0 blocks,
-    /// INT8 activations: llama.cpp's arithmetic).
+    /// with per-channel scales) or act8 (Q4_1 blocks kept, other formats to Q8_0 blocks;
+    /// generated tokens with INT8 activations as llama.cpp, prompt tokens with f32).
     #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
     pub quantize: engine::Quantize,
     /// What the KV cache stores: f32 (exact attention) or f16 (half the cache bytes read

@@ -250,6 +250,22 @@ pub fn matmul(pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32
 
 /// [`matmul`] on a given instruction-set path (tests and benchmarks).
 pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32]) {
+    matmul_acts(kern, pool, x, m, lin, y, Acts::AsStored)
+}
+
+/// What the activations of a call are multiplied as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acts {
+    /// As the weight's format asks: INT8 for `int8` and `act8` weights, f32 otherwise.
+    AsStored,
+    /// f32 whatever the weight: act8 weights (GGUF blocks as they are) are then read as
+    /// the `none` path reads them, which batches of prompt rows run faster on AVX-512 and
+    /// exactly. INT8 weights keep INT8 activations.
+    F32,
+}
+
+/// [`matmul_on`] with activations multiplied as `acts` says.
+pub fn matmul_acts(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Linear, y: &mut [f32], acts: Acts) {
     let (n, k) = (lin.out_features, lin.in_features);
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
     assert_eq!(y.len(), m * n, "matmul: y is not [{m}, {n}]");
@@ -259,7 +275,7 @@ pub fn matmul_on(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &Lin
     if let Weight::I8(w) = &lin.weight {
         return super::quant::matmul_i8(kern, pool, x, k, w, n, y);
     }
-    if let Weight::A8(w) = &lin.weight {
+    if let (Weight::A8(w), Acts::AsStored) = (&lin.weight, acts) {
         return super::act8::matmul_a8(super::quant::I8Kernel::for_kernel(kern), pool, x, k, w, n, y);
     }
     // SAFETY: each task writes only its own columns.
@@ -325,6 +341,11 @@ unsafe fn plain_cols(kern: Kernel, lin: &Linear, x: &[f32], m: usize, n0: usize,
 /// formats, one quantization of `x`. The same bits as one [`matmul`] per layer (each
 /// column is computed by the same task code); layers of different kinds run one by one.
 pub fn matmul_many(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Linear, &mut [f32])]) {
+    matmul_many_acts(pool, x, m, outs, Acts::AsStored)
+}
+
+/// [`matmul_many`] with activations multiplied as `acts` says.
+pub fn matmul_many_acts(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Linear, &mut [f32])], acts: Acts) {
     use super::quant::I8Kernel;
     let kern = Kernel::detect();
     let Some(k) = outs.first().map(|o| o.0.in_features) else { return };
@@ -344,13 +365,13 @@ pub fn matmul_many(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Linear,
     }
     let kind = |w: &Weight| match w {
         Weight::I8(w) => Kind::I8(w.kp),
-        Weight::A8(_) => Kind::A8,
+        Weight::A8(_) if acts == Acts::AsStored => Kind::A8,
         _ => Kind::Plain,
     };
     let first = kind(&outs[0].0.weight);
     if outs.len() == 1 || outs.iter().any(|o| kind(&o.0.weight) != first) {
         for (lin, y) in outs.iter_mut() {
-            matmul_on(kern, pool, x, m, lin, y);
+            matmul_acts(kern, pool, x, m, lin, y, acts);
         }
         return;
     }
@@ -549,6 +570,23 @@ impl Kernel {
                 (Kernel::Avx2, Weight::Q5_0(b)) => {
                     let b = &b[n0 * rb..(n0 + rows) * rb];
                     x86::dequant_avx2(&x86::Q50Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
+                }
+                // act8 weights are GGUF Q4_1 or Q8_0 blocks as they are.
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, Weight::A8(w)) => {
+                    let b = &w.blocks[n0 * rb..(n0 + rows) * rb];
+                    match w.format {
+                        A8Format::Q4_1 => x86::dequant_avx512(&x86::Q41Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr()),
+                        A8Format::Q8_0 => x86::dequant_avx512(&x86::Q80Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr()),
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, Weight::A8(w)) => {
+                    let b = &w.blocks[n0 * rb..(n0 + rows) * rb];
+                    match w.format {
+                        A8Format::Q4_1 => x86::dequant_avx2(&x86::Q41Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr()),
+                        A8Format::Q8_0 => x86::dequant_avx2(&x86::Q80Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr()),
+                    }
                 }
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Avx512, Weight::F8(w)) if k.is_multiple_of(32) => {
@@ -1085,6 +1123,50 @@ mod tests {
             let mut one = vec![0f32; n];
             matmul(&pool, &x[i * k..(i + 1) * k], 1, &lin, &mut one);
             assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
+        }
+    }
+
+    /// act8 layers with f32 activations (`Acts::F32`, the engine's prompt rows) give
+    /// exactly what the `none` path gives on the same blocks: Q4_1 as the checkpoint holds
+    /// it, other formats as the Q8_0 blocks act8 made of them; every path, through
+    /// `matmul_many_acts` too, on batch sizes of both the fused and the strip paths.
+    #[test]
+    fn act8_layers_with_f32_activations_equal_the_none_path_on_their_blocks() {
+        use crate::config::Quantize;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(33);
+        let pool = ThreadPool::new(2);
+        let k = 576;
+        let q41 = Linear::new(Weight::Q4_1(quantize_q4_1(&rand_vec(&mut rng, 150 * k))), 150, k).unwrap();
+        let f32w = Linear::new(Weight::F32(rand_vec(&mut rng, 70 * k)), 70, k).unwrap();
+        for src in [&q41, &f32w] {
+            let a8 = src.quantized(Quantize::Act8);
+            let Weight::A8(w) = &a8.weight else { panic!("act8 of a {} layer is {}", src.weight.format_name(), a8.weight.format_name()) };
+            let plain = Linear::new(
+                match w.format {
+                    A8Format::Q4_1 => Weight::Q4_1(w.blocks.clone()),
+                    A8Format::Q8_0 => Weight::Q8_0(w.blocks.clone()),
+                },
+                a8.out_features,
+                k,
+            )
+            .unwrap();
+            let n = a8.out_features;
+            for m in [1usize, 3, 17] {
+                let x = rand_vec(&mut rng, m * k);
+                for kern in Kernel::available() {
+                    let (mut want, mut got, mut int8) = (vec![0f32; m * n], vec![f32::NAN; m * n], vec![0f32; m * n]);
+                    matmul_on(kern, &pool, &x, m, &plain, &mut want);
+                    matmul_acts(kern, &pool, &x, m, &a8, &mut got, Acts::F32);
+                    assert_eq!(got, want, "{kern:?} m={m} {:?}", w.format);
+                    matmul_on(kern, &pool, &x, m, &a8, &mut int8);
+                    assert_ne!(int8, want, "the INT8 path differs, so the test can tell them apart");
+                }
+                let mut many = vec![f32::NAN; m * n];
+                matmul_many_acts(&pool, &x, m, &mut [(&a8, &mut many)], Acts::F32);
+                let mut want = vec![0f32; m * n];
+                matmul(&pool, &x, m, &plain, &mut want);
+                assert_eq!(many, want);
+            }
         }
     }
 
