@@ -496,6 +496,34 @@ mod tests {
         }
     }
 
+    /// Random q, K, V for `qlen` queries against `ctx` keys, and the layer's parameters:
+    /// `modifier` 1 a sliding window of `window`, 2 a softcap of 5, 3 ALiBi with `slopes`.
+    #[allow(clippy::too_many_arguments)]
+    fn random_case<'s>(
+        rng: &mut rand::rngs::StdRng,
+        (h, kvh, d): (usize, usize, usize),
+        bs: usize,
+        (ctx, qlen): (usize, usize),
+        modifier: usize,
+        window: usize,
+        slopes: &'s [f32],
+    ) -> (AttnParams<'s>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let p = AttnParams {
+            num_heads: h,
+            num_kv_heads: kvh,
+            head_dim: d,
+            block_size: bs,
+            scale: 1.0 / (d as f32).sqrt(),
+            sliding_window: (modifier == 1).then_some(window),
+            softcap: (modifier == 2).then_some(5.0),
+            alibi_slopes: (modifier == 3).then_some(&slopes[..h]),
+        };
+        let q: Vec<f32> = (0..qlen * h * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let k: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let v: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        (p, q, k, v)
+    }
+
     #[test]
     fn paged_matches_naive_for_mha_gqa_mqa_and_every_modifier() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -503,20 +531,8 @@ mod tests {
         for &(h, kvh) in &[(4usize, 4usize), (8, 2), (4, 1)] {
             for &bs in &[1usize, 16, 7] {
                 for modifier in 0..4 {
-                    let (d, ctx, qlen) = (16, 75, 9);
-                    let p = AttnParams {
-                        num_heads: h,
-                        num_kv_heads: kvh,
-                        head_dim: d,
-                        block_size: bs,
-                        scale: 1.0 / (d as f32).sqrt(),
-                        sliding_window: (modifier == 1).then_some(33),
-                        softcap: (modifier == 2).then_some(5.0),
-                        alibi_slopes: (modifier == 3).then_some(&slopes[..h]),
-                    };
-                    let q: Vec<f32> = (0..qlen * h * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-                    let k: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-                    let v: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let (ctx, qlen) = (75, 9);
+                    let (p, q, k, v) = random_case(&mut rng, (h, kvh, 16), bs, (ctx, qlen), modifier, 33, &slopes);
                     let got = run_paged(&q, &k, &v, ctx, qlen, &p, &mut rng);
                     let want = naive(&q, &k, &v, ctx, qlen, &p);
                     for (a, b) in got.iter().zip(&want) {
@@ -616,19 +632,7 @@ mod tests {
         for &(h, kvh, d) in &[(6usize, 2usize, 20usize), (6, 1, 64), (4, 4, 16)] {
             for modifier in 0..4 {
                 let (ctx, qlen, bs) = (141, 37, 16);
-                let p = AttnParams {
-                    num_heads: h,
-                    num_kv_heads: kvh,
-                    head_dim: d,
-                    block_size: bs,
-                    scale: 1.0 / (d as f32).sqrt(),
-                    sliding_window: (modifier == 1).then_some(45),
-                    softcap: (modifier == 2).then_some(5.0),
-                    alibi_slopes: (modifier == 3).then_some(&slopes[..h]),
-                };
-                let q: Vec<f32> = (0..qlen * h * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-                let k: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-2.0..2.0)).collect();
-                let v: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let (p, q, k, v) = random_case(&mut rng, (h, kvh, d), bs, (ctx, qlen), modifier, 45, &slopes);
                 for dtype in [crate::KvDtype::F32, crate::KvDtype::F16] {
                     let layout = crate::kv_cache::KvLayout { num_layers: 1, num_blocks: ctx.div_ceil(bs), block_size: bs, num_kv_heads: kvh, head_dim: d };
                     let mut cache = crate::kv_cache::KvCache::with_window_pool(layout, dtype, 0, &[]);
