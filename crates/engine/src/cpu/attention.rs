@@ -5,8 +5,8 @@
 //! row is read once for all of them (a prefill chunk reads the cache once per 16 queries).
 //! Scores are lane-wise: the K tile is held transposed (one lane a key) and each score is
 //! a plain sum over the head dimension, so no horizontal reductions and no FMA: the same
-//! bits on every instruction-set path. Keys are visited in logical tiles of [`TILE`] positions aligned to absolute positions,
-//! with an online softmax across tiles: memory does not grow with the context, and the
+//! bits on every instruction-set path. Keys are visited in logical tiles of [`TILE`]
+//! positions aligned to absolute positions, with an online softmax across tiles: memory does not grow with the context, and the
 //! arithmetic for a query depends neither on the block size of the cache nor on how its
 //! prompt was chunked nor on what else is in the batch.
 //!
@@ -21,7 +21,7 @@
 use half::f16;
 
 use super::matmul::Kernel;
-use crate::kv_cache::KvSlice;
+use crate::kv_cache::{KvLayout, KvSlice};
 use crate::threadpool::ThreadPool;
 
 pub const TILE: usize = 32;
@@ -191,6 +191,21 @@ fn prefetch(src: KvSlice<'_>, at: usize, len: usize) {
     let _ = (src, at, len);
 }
 
+/// The runs of keys `lo .. hi` that lie in one cache block each, in order: (first key,
+/// its offset in the block, length).
+#[inline(always)]
+fn block_runs(lo: usize, hi: usize, bs: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    let mut kp = lo;
+    std::iter::from_fn(move || {
+        (kp < hi).then(|| {
+            let (o, start) = (kp % bs, kp);
+            let n = (bs - o).min(hi - kp);
+            kp += n;
+            (start, o, n)
+        })
+    })
+}
+
 /// Values `at .. at + dst.len()` of a cache layer, as f32 (exact for both dtypes).
 #[inline(always)]
 unsafe fn load<W: Widen>(src: KvSlice<'_>, at: usize, dst: &mut [f32]) {
@@ -272,7 +287,9 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
     let d = p.head_dim;
     let group = p.num_heads / p.num_kv_heads;
     let row = p.num_heads * d;
-    let slot_stride = p.num_kv_heads * d;
+    let bs = p.block_size;
+    // Where K and V of a slot sit (the index functions read only the shape of a block).
+    let lay = KvLayout { num_layers: 1, num_blocks: 0, block_size: bs, num_kv_heads: p.num_kv_heads, head_dim: d };
     let qn = QUERY_BLOCK.min(seq.query_len - qb);
     let rows = qn * group;
     let first_pos = seq.context_len - seq.query_len + qb;
@@ -291,34 +308,26 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
     while tile_start <= last_pos {
         // The keys any query of the item needs from this tile.
         let (la, lb) = (tile_start.max(lo_of(first_pos)), (tile_start + TILE).min(last_pos + 1));
-        // K: per block the run of these keys, one dimension at a time (the cache keeps K
-        // transposed within a block); V: one row per key.
         // The next tile's blocks of K and rows of V, requested now.
-        let mut kp = tile_start + TILE;
-        while kp <= last_pos.min(tile_start + 2 * TILE - 1) {
-            let (bs, o) = (p.block_size, kp % p.block_size);
-            let n = (bs - o).min(last_pos + 1 - kp).min(tile_start + 2 * TILE - kp);
+        for (kp, o, n) in block_runs(tile_start + TILE, (last_pos + 1).min(tile_start + 2 * TILE), bs) {
             let block = seq.block_table[kp / bs] as usize;
-            prefetch(kc, (block * p.num_kv_heads + g) * d * bs, d * bs);
+            prefetch(kc, lay.k_index(block * bs, g, 0), d * bs);
             for slot in block * bs + o..block * bs + o + n {
-                prefetch(vc, slot * slot_stride + g * d, d);
+                prefetch(vc, lay.v_index(slot, g, 0), d);
             }
-            kp += n;
         }
-        let mut kp = la;
-        while kp < lb {
-            let (bs, o) = (p.block_size, kp % p.block_size);
-            let (j, n) = (kp - tile_start, (bs - o).min(lb - kp));
-            let block = seq.block_table[kp / bs] as usize;
-            let kbase = (block * p.num_kv_heads + g) * d * bs + o;
+        // K: per block the run of these keys, one dimension at a time (the cache keeps K
+        // transposed within a block, the next dimension `bs` further); V: one row per key.
+        for (kp, o, n) in block_runs(la, lb, bs) {
+            let j = kp - tile_start;
+            let slot0 = seq.block_table[kp / bs] as usize * bs + o;
+            let kbase = lay.k_index(slot0, g, 0);
             for e in 0..d {
                 load::<W>(kc, kbase + e * bs, &mut kt[e * TILE + j..e * TILE + j + n]);
             }
             for jj in 0..n {
-                let slot = block * bs + o + jj;
-                load::<W>(vc, slot * slot_stride + g * d, &mut vt[(j + jj) * d..(j + jj + 1) * d]);
+                load::<W>(vc, lay.v_index(slot0 + jj, g, 0), &mut vt[(j + jj) * d..(j + jj + 1) * d]);
             }
-            kp += n;
         }
         let mut r = 0;
         while r < rows {
@@ -434,12 +443,14 @@ mod tests {
         p: &AttnParams<'_>,
         rng: &mut rand::rngs::StdRng,
     ) -> Vec<f32> {
-        run_paged_as(crate::KvDtype::F32, q, k, v, ctx, qlen, p, rng)
+        run_paged_as(Kernel::detect(), crate::KvDtype::F32, q, k, v, ctx, qlen, p, rng)
     }
 
-    /// `k` and `v` scattered into shuffled blocks of a cache of `dtype`, then attention.
+    /// `k` and `v` scattered into shuffled blocks of a cache of `dtype`, then attention on
+    /// path `kern`.
     #[allow(clippy::too_many_arguments)]
     fn run_paged_as(
+        kern: Kernel,
         dtype: crate::KvDtype,
         q: &[f32],
         k: &[f32],
@@ -470,7 +481,7 @@ mod tests {
         cache.write(0, &slots, k, v);
         let seqs = [SeqAttn { query_start: 0, query_len: qlen, context_len: ctx, block_table: &table }];
         let mut out = vec![f32::NAN; q.len()];
-        paged_attention(&ThreadPool::new(2), q, cache.k[0].as_slice(), cache.v[0].as_slice(), &seqs, p, &mut out);
+        paged_attention_on(kern, &ThreadPool::new(2), q, cache.k[0].as_slice(), cache.v[0].as_slice(), &seqs, p, &mut out);
         out
     }
 
@@ -488,8 +499,8 @@ mod tests {
         let round = |x: &[f32]| x.iter().map(|&e| f16::from_f32(e).to_f32()).collect::<Vec<_>>();
         let (kr, vr) = (round(&k), round(&v));
         assert_ne!(k, kr, "the test needs values that f16 rounds");
-        let half = run_paged_as(crate::KvDtype::F16, &q, &k, &v, ctx, qlen, &p, &mut rng);
-        assert_eq!(half, run_paged_as(crate::KvDtype::F32, &q, &kr, &vr, ctx, qlen, &p, &mut rng));
+        let half = run_paged_as(Kernel::detect(), crate::KvDtype::F16, &q, &k, &v, ctx, qlen, &p, &mut rng);
+        assert_eq!(half, run_paged_as(Kernel::detect(), crate::KvDtype::F32, &q, &kr, &vr, ctx, qlen, &p, &mut rng));
         let exact = run_paged(&q, &k, &v, ctx, qlen, &p, &mut rng);
         for (a, b) in half.iter().zip(&exact) {
             assert!((a - b).abs() < 2e-3, "{a} vs {b}");
@@ -634,21 +645,12 @@ mod tests {
                 let (ctx, qlen, bs) = (141, 37, 16);
                 let (p, q, k, v) = random_case(&mut rng, (h, kvh, d), bs, (ctx, qlen), modifier, 45, &slopes);
                 for dtype in [crate::KvDtype::F32, crate::KvDtype::F16] {
-                    let layout = crate::kv_cache::KvLayout { num_layers: 1, num_blocks: ctx.div_ceil(bs), block_size: bs, num_kv_heads: kvh, head_dim: d };
-                    let mut cache = crate::kv_cache::KvCache::with_window_pool(layout, dtype, 0, &[]);
-                    let table: Vec<u32> = (0..ctx.div_ceil(bs) as u32).rev().collect();
-                    let slots: Vec<usize> = (0..ctx).map(|j| table[j / bs] as usize * bs + j % bs).collect();
-                    cache.write(0, &slots, &k, &v);
-                    let seqs = [SeqAttn { query_start: 0, query_len: qlen, context_len: ctx, block_table: &table }];
-                    let run = |kern| {
-                        let mut out = vec![f32::NAN; q.len()];
-                        paged_attention_on(kern, &ThreadPool::new(2), &q, cache.k[0].as_slice(), cache.v[0].as_slice(), &seqs, &p, &mut out);
-                        out
-                    };
-                    let want = run(Kernel::Portable);
+                    // Each run scatters the cache into other shuffled blocks.
+                    let run = |kern, rng: &mut rand::rngs::StdRng| run_paged_as(kern, dtype, &q, &k, &v, ctx, qlen, &p, rng);
+                    let want = run(Kernel::Portable, &mut rng);
                     assert!(want.iter().all(|v| v.is_finite()));
                     for kern in Kernel::available() {
-                        let got = run(kern);
+                        let got = run(kern, &mut rng);
                         let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
                         assert!(same, "{kern:?} h={h} kvh={kvh} d={d} modifier={modifier} {dtype:?}");
                     }
