@@ -337,11 +337,11 @@ mod x86 {
     }
 
     /// Q4_1: the 32 nibbles as bytes in code order (low nibbles, then high), unsigned,
-    /// against the signed activation codes ([`dot_us`]: `vpmaddubsw` + `vpmaddwd`, or
-    /// one `vpdpbusd`); one FMA each with `s_x · d`; the offset `m` in a scalar FMA with
-    /// the group sum.
+    /// against the signed activation codes ([`dot_us`]: `vpmaddubsw` + `vpmaddwd`; VNNI
+    /// machines take [`tile_q4_1_vnni`]); one FMA each with `s_x · d`; the offset `m` in a
+    /// scalar FMA with the group sum.
     #[inline(always)]
-    unsafe fn tile_q4_1_on<const MR: usize, const NR: usize, const VNNI: bool>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize) {
+    unsafe fn tile_q4_1_on<const MR: usize, const NR: usize>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize) {
         const { assert!(NR <= 4, "the offsets of a tile's columns share one 4-lane register") };
         let low = _mm_set1_epi8(0x0f);
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
@@ -371,7 +371,7 @@ mod x86 {
                 let (sx, xs) = (_mm256_set1_ps(*rows[r].0.add(g)), *rows[r].1.add(g));
                 for c in 0..NR {
                     // s_x · d as a vector multiply: the same rounding as the scalar one.
-                    let dot = _mm256_cvtepi32_ps(dot_us::<VNNI>(wv[c], xv));
+                    let dot = _mm256_cvtepi32_ps(dot_us::<false>(wv[c], xv));
                     acc[r][c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sx, dv[c]), acc[r][c]);
                 }
                 accm[r] = _mm_fmadd_ps(mv, _mm_set1_ps(xs), accm[r]);
@@ -390,7 +390,7 @@ mod x86 {
 
     /// Q8_0: signed codes by signed codes ([`dot_ss`]), as the INT8 kernel.
     #[inline(always)]
-    unsafe fn tile_q8_0_on<const MR: usize, const NR: usize, const VNNI: bool>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize) {
+    unsafe fn tile_q8_0_on<const MR: usize, const NR: usize>(x: *const i8, kp: usize, w: &A8Strip, c0: usize, y: *mut f32, ldy: usize) {
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
         let pf = w.w.wrapping_add((c0 + NR) * w.rb);
@@ -403,13 +403,13 @@ mod x86 {
             for c in 0..NR {
                 let blk = w.w.add((c0 + c) * w.rb + g * 34);
                 dv[c] = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const u16).read_unaligned() as i32))));
-                wv[c] = prep_w::<VNNI>(_mm256_loadu_si256(blk.add(2) as *const __m256i));
+                wv[c] = prep_w::<false>(_mm256_loadu_si256(blk.add(2) as *const __m256i));
             }
             for r in 0..MR {
-                let xv = prep_x::<VNNI>(_mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i));
+                let xv = prep_x::<false>(_mm256_loadu_si256(x.add(r * kp + g * 32) as *const __m256i));
                 let sx = _mm256_set1_ps(*rows[r].0.add(g));
                 for c in 0..NR {
-                    let dot = _mm256_cvtepi32_ps(dot_ss::<VNNI>(wv[c], xv));
+                    let dot = _mm256_cvtepi32_ps(dot_ss::<false>(wv[c], xv));
                     acc[r][c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sx, dv[c]), acc[r][c]);
                 }
             }
@@ -425,22 +425,136 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn tile_q4_1<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        tile_q4_1_on::<MR, NR, false>(x, kp, w.borrow(), c0, y, ldy)
-    }
-
-    #[inline(always)]
-    unsafe fn tile_q4_1_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        tile_q4_1_on::<MR, NR, true>(x, kp, w.borrow(), c0, y, ldy)
+        tile_q4_1_on::<MR, NR>(x, kp, w.borrow(), c0, y, ldy)
     }
 
     #[inline(always)]
     unsafe fn tile_q8_0<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        tile_q8_0_on::<MR, NR, false>(x, kp, w.borrow(), c0, y, ldy)
+        tile_q8_0_on::<MR, NR>(x, kp, w.borrow(), c0, y, ldy)
     }
 
+    /// The column pairs of a tile of `NR <= 4` columns: pair `p` holds columns `2p` and
+    /// `2p + 1` (the last column twice where `NR` is odd; its second copy is dropped).
+    #[inline(always)]
+    fn pair<const NR: usize>(p: usize) -> (usize, usize) {
+        (2 * p, (2 * p + 1).min(NR - 1))
+    }
+
+    /// Two f32 values as a 512-bit register: `a` in lanes 0..8, `b` in lanes 8..16.
+    #[inline(always)]
+    unsafe fn halves(a: f32, b: f32) -> __m512 {
+        _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b))
+    }
+
+    /// The 32 activation codes of a group in both halves of a 512-bit register.
+    #[inline(always)]
+    unsafe fn codes_twice(x: *const i8) -> __m512i {
+        _mm512_broadcast_i64x4(_mm256_loadu_si256(x as *const __m256i))
+    }
+
+    /// Writes a tile's sums: pair `p`'s lanes 0..8 are column `2p`, 8..16 column `2p + 1`,
+    /// each summed as [`lane_sum`] sums eight lanes, plus `m[c]`.
+    #[inline(always)]
+    unsafe fn store_pairs<const MR: usize, const NR: usize>(acc: &[[__m512; 2]; MR], m: &[[f32; 4]; MR], y: *mut f32, ldy: usize) {
+        for r in 0..MR {
+            for p in 0..NR.div_ceil(2) {
+                let mut a = [0f32; 16];
+                _mm512_storeu_ps(a.as_mut_ptr(), acc[r][p]);
+                let (ca, cb) = pair::<NR>(p);
+                *y.add(r * ldy + ca) = lane_sum(a[..8].try_into().unwrap()) + m[r][ca];
+                if cb != ca {
+                    *y.add(r * ldy + cb) = lane_sum(a[8..].try_into().unwrap()) + m[r][cb];
+                }
+            }
+        }
+    }
+
+    /// [`tile_q4_1_on`] with two columns per 512-bit register ([`pair`]): each lane sees
+    /// the operations, in the order, of its lane in the 256-bit tile (one `vpdpbusd`, the
+    /// convert, `s_x · d`, one FMA per group), so the bits are the same; half the
+    /// instructions per weight.
+    #[inline(always)]
+    unsafe fn tile_q4_1_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        const { assert!(NR <= 4, "a tile's offsets share one 4-lane register and its columns two pairs") };
+        let w = w.borrow();
+        let low = _mm512_set1_epi8(0x0f);
+        // Per 128-bit lane of [q_a, q_a, q_b, q_b]: low nibbles, high, low, high.
+        let shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut accm = [_mm_setzero_ps(); MR];
+        let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
+        let pf = w.w.wrapping_add((c0 + NR) * w.rb);
+        for g in 0..kp / 32 {
+            for l in 0..(NR * 20).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * 20 * NR + l * 64) as *const i8);
+            }
+            let mut wv = [_mm512_setzero_si512(); 2];
+            let mut dv = [_mm512_setzero_ps(); 2];
+            let mut mv = [0f32; 4];
+            for p in 0..NR.div_ceil(2) {
+                let (ca, cb) = pair::<NR>(p);
+                let (ba, bb) = (w.w.add((c0 + ca) * w.rb + g * 20), w.w.add((c0 + cb) * w.rb + g * 20));
+                let ((da, ma), (db, mb)) = (dm(ba), dm(bb));
+                (mv[ca], mv[cb]) = (ma, mb);
+                dv[p] = halves(da, db);
+                let q = _mm256_set_m128i(_mm_loadu_si128(bb.add(4) as *const __m128i), _mm_loadu_si128(ba.add(4) as *const __m128i));
+                let q = _mm512_shuffle_i64x2::<0b01_01_00_00>(_mm512_castsi256_si512(q), _mm512_castsi256_si512(q));
+                wv[p] = _mm512_and_si512(_mm512_srlv_epi64(q, shifts), low);
+            }
+            let mv = _mm_loadu_ps(mv.as_ptr());
+            for r in 0..MR {
+                let xv = codes_twice(x.add(r * kp + g * 32));
+                let (sx, xs) = (_mm512_set1_ps(*rows[r].0.add(g)), *rows[r].1.add(g));
+                for p in 0..NR.div_ceil(2) {
+                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], xv));
+                    acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sx, dv[p]), acc[r][p]);
+                }
+                accm[r] = _mm_fmadd_ps(mv, _mm_set1_ps(xs), accm[r]);
+            }
+        }
+        let m: [[f32; 4]; MR] = std::array::from_fn(|r| {
+            let mut m = [0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), accm[r]);
+            m
+        });
+        store_pairs::<MR, NR>(&acc, &m, y, ldy);
+    }
+
+    /// [`tile_q8_0_on`] with two columns per 512-bit register, as [`tile_q4_1_vnni`]: the
+    /// same integer dot products ([`dot_ss`]'s VNNI form) and lane operations.
     #[inline(always)]
     unsafe fn tile_q8_0_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        tile_q8_0_on::<MR, NR, true>(x, kp, w.borrow(), c0, y, ldy)
+        const { assert!(NR <= 4, "a tile's columns are two pairs") };
+        let w = w.borrow();
+        let flip = _mm512_set1_epi8(-128);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let rows: [*const f32; MR] = std::array::from_fn(|r| w.row(x.add(r * kp)).0);
+        let pf = w.w.wrapping_add((c0 + NR) * w.rb);
+        for g in 0..kp / 32 {
+            for l in 0..(NR * 34).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * 34 * NR + l * 64) as *const i8);
+            }
+            let mut wv = [_mm512_setzero_si512(); 2];
+            let mut dv = [_mm512_setzero_ps(); 2];
+            for p in 0..NR.div_ceil(2) {
+                let (ca, cb) = pair::<NR>(p);
+                let (ba, bb) = (w.w.add((c0 + ca) * w.rb + g * 34), w.w.add((c0 + cb) * w.rb + g * 34));
+                dv[p] = halves(dm(ba).0, dm(bb).0);
+                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(ba.add(2) as *const __m256i)), _mm256_loadu_si256(bb.add(2) as *const __m256i));
+                wv[p] = _mm512_xor_si512(q, flip);
+            }
+            for r in 0..MR {
+                let xv = codes_twice(x.add(r * kp + g * 32));
+                // Σ (w + 128)·x onto -128 · Σx: the exact signed dot product.
+                let bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xv));
+                let sx = _mm512_set1_ps(*rows[r].add(g));
+                for p in 0..NR.div_ceil(2) {
+                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, wv[p], xv));
+                    acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sx, dv[p]), acc[r][p]);
+                }
+            }
+        }
+        store_pairs::<MR, NR>(&acc, &[[0f32; 4]; MR], y, ldy);
     }
 
     /// The low 16 bits of each lane, as f16, widened.
@@ -541,7 +655,8 @@ mod x86 {
         }
     }
 
-    /// The VNNI tiles: 4 x 4 for batches (32 registers).
+    /// The VNNI tiles: 4 rows x 2 column pairs for batches (8 rows measured no faster:
+    /// their accumulators spill).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn gemm_q4_1_vnni(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
         let (x, kp) = (w.xq0, w.kp);
