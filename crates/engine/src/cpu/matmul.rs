@@ -283,7 +283,10 @@ pub fn matmul_acts(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &L
 }
 
 /// Output columns per pool task, for `n` columns in all (over every layer of one
-/// dispatch) on `threads` threads. Batches: 16 or 64 columns. One to four tokens
+/// dispatch) on `threads` threads. Batches: 64 columns (at 16, a task's 64 bytes of a row
+/// of `y` share cache lines with its neighbours' unless `y` is line-aligned, and the INT8
+/// outlier pass, which reads `y` back, took 8.5% of a 16-stream act8 decode profile; 3.6%
+/// at 64). One to four tokens
 /// (decode): about `n / (PER_THREAD · threads)` columns, a multiple of 16, 16 to 1024:
 /// each task then reads one long contiguous run of weight rows, which the hardware
 /// prefetcher follows (runs of 16 rows, 6 KB of Q4_1 at K = 576, end before it ramps up),
@@ -293,8 +296,6 @@ pub(crate) fn col_chunk(m: usize, n: usize, threads: usize) -> usize {
     const PER_THREAD: usize = 4;
     if m <= FUSED_MAX_M {
         (n / (PER_THREAD * threads.max(1))).next_multiple_of(16).clamp(16, 1024)
-    } else if m <= 16 {
-        16
     } else {
         64
     }
