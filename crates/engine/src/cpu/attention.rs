@@ -137,6 +137,12 @@ unsafe fn attend_item_avx512(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usi
 trait Widen {
     /// `dst[i] = src[i]` as f32.
     unsafe fn widen(src: &[f16], dst: &mut [f32]);
+
+    /// Sixteen values (a length the compiler sees, so no loop and no tail).
+    #[inline(always)]
+    unsafe fn widen16(src: *const f16, dst: *mut f32) {
+        Self::widen(&*(src as *const [f16; 16]), &mut *(dst as *mut [f32; 16]))
+    }
 }
 
 /// One value at a time.
@@ -206,17 +212,37 @@ fn block_runs(lo: usize, hi: usize, bs: usize) -> impl Iterator<Item = (usize, u
     })
 }
 
-/// Values `at .. at + dst.len()` of a cache layer, as f32 (exact for both dtypes).
+/// `count` runs of `len` values of a cache layer, the first at `at`, each `src_stride`
+/// after the previous, into `dst` as f32 (exact for both dtypes), `dst_stride` apart: a
+/// block's K (one run per dimension) or a block's V rows (one run per key). One check of
+/// the bounds, then raw copies; runs of a multiple of 16 values without a loop tail.
 #[inline(always)]
-unsafe fn load<W: Widen>(src: KvSlice<'_>, at: usize, dst: &mut [f32]) {
-    let n = dst.len();
+unsafe fn load_runs<W: Widen>(src: KvSlice<'_>, at: usize, src_stride: usize, count: usize, len: usize, dst: &mut [f32], dst_stride: usize) {
+    if count == 0 || len == 0 {
+        return;
+    }
+    assert!(at + (count - 1) * src_stride + len <= src.len() && (count - 1) * dst_stride + len <= dst.len());
+    let d = dst.as_mut_ptr();
     match src {
         KvSlice::F32(v) => {
-            for (d, &s) in dst.iter_mut().zip(&v[at..at + n]) {
-                *d = s;
+            for i in 0..count {
+                std::ptr::copy_nonoverlapping(v.as_ptr().add(at + i * src_stride), d.add(i * dst_stride), len);
             }
         }
-        KvSlice::F16(v) => W::widen(&v[at..at + n], dst),
+        KvSlice::F16(v) if len.is_multiple_of(16) => {
+            for i in 0..count {
+                let (s, t) = (v.as_ptr().add(at + i * src_stride), d.add(i * dst_stride));
+                for c in (0..len).step_by(16) {
+                    W::widen16(s.add(c), t.add(c));
+                }
+            }
+        }
+        KvSlice::F16(v) => {
+            for i in 0..count {
+                let s = std::slice::from_raw_parts(v.as_ptr().add(at + i * src_stride), len);
+                W::widen(s, std::slice::from_raw_parts_mut(d.add(i * dst_stride), len));
+            }
+        }
     }
 }
 
@@ -275,6 +301,23 @@ fn exp_neg(x: f32) -> f32 {
     e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// The largest of `v` (`-inf` when empty; NaNs never win), in 16 lanes and then across
+/// them: a maximum is exact, so this is the value a left-to-right fold gives, without its
+/// chain of dependent compares.
+#[inline(always)]
+fn max_of(v: &[f32]) -> f32 {
+    let pick = |m: f32, x: f32| if x > m { x } else { m };
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = pick(*m, x);
+        }
+    }
+    let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| pick(m, x));
+    lanes.iter().fold(m, |a, &x| pick(a, x))
+}
+
 /// No FMA contraction happens in Rust, so this computes the same bits on every path.
 ///
 /// The item's queries (up to [`QUERY_BLOCK`] of one sequence) and the query heads of KV
@@ -321,13 +364,8 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
         for (kp, o, n) in block_runs(la, lb, bs) {
             let j = kp - tile_start;
             let slot0 = seq.block_table[kp / bs] as usize * bs + o;
-            let kbase = lay.k_index(slot0, g, 0);
-            for e in 0..d {
-                load::<W>(kc, kbase + e * bs, &mut kt[e * TILE + j..e * TILE + j + n]);
-            }
-            for jj in 0..n {
-                load::<W>(vc, lay.v_index(slot0 + jj, g, 0), &mut vt[(j + jj) * d..(j + jj + 1) * d]);
-            }
+            load_runs::<W>(kc, lay.k_index(slot0, g, 0), bs, d, n, &mut kt[j..], TILE);
+            load_runs::<W>(vc, lay.v_index(slot0, g, 0), lay.v_index(1, 0, 0), n, d, &mut vt[j * d..], d);
         }
         let mut r = 0;
         while r < rows {
@@ -350,18 +388,25 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
                 let (ja, jb) = (a - tile_start, b - tile_start);
                 let qh = g * group + rr % group;
                 let sc = &mut sc[ja..jb];
-                for (j, s) in sc.iter_mut().enumerate() {
-                    let mut v = *s * p.scale;
-                    if let Some(cap) = p.softcap {
-                        v = cap * (v / cap).tanh();
+                if p.softcap.is_none() && p.alibi_slopes.is_none() {
+                    // The common case in a loop that vectorizes.
+                    for s in sc.iter_mut() {
+                        *s *= p.scale;
                     }
-                    if let Some(slopes) = p.alibi_slopes {
-                        v += slopes[qh] * ((a + j) as f32 - pos as f32);
+                } else {
+                    for (j, s) in sc.iter_mut().enumerate() {
+                        let mut v = *s * p.scale;
+                        if let Some(cap) = p.softcap {
+                            v = cap * (v / cap).tanh();
+                        }
+                        if let Some(slopes) = p.alibi_slopes {
+                            v += slopes[qh] * ((a + j) as f32 - pos as f32);
+                        }
+                        *s = v;
                     }
-                    *s = v;
                 }
                 // Online softmax update.
-                let tmax = sc.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+                let tmax = max_of(sc);
                 let new_max = mx[rr].max(tmax);
                 let corr = if mx[rr] == f32::NEG_INFINITY { 0.0 } else { exp_neg(mx[rr] - new_max) };
                 for v in sc.iter_mut() {
