@@ -469,47 +469,112 @@ mod x86 {
         }
     }
 
+    /// One group of a VNNI tile's weights as the tiles use them: per column pair the codes
+    /// and `d` ([`halves`]), and the four columns' offsets `m` (Q4_1; zero for Q8_0).
+    #[derive(Clone, Copy)]
+    struct GroupW {
+        wv: [__m512i; 2],
+        dv: [__m512; 2],
+        mv: __m128,
+    }
+
+    /// Where a VNNI tile gets group `g` of its columns' weights.
+    trait GroupSrc {
+        unsafe fn group(&self, g: usize) -> GroupW;
+    }
+
+    /// Prepared from the blocks when asked (a tile of one to four rows reads each group
+    /// once), requesting the next columns' blocks.
+    struct Direct<'a, const NR: usize, const Q41: bool> {
+        w: &'a A8Strip,
+        c0: usize,
+    }
+
+    impl<const NR: usize, const Q41: bool> GroupSrc for Direct<'_, NR, Q41> {
+        #[inline(always)]
+        unsafe fn group(&self, g: usize) -> GroupW {
+            let bb = if Q41 { 20 } else { 34 };
+            let pf = self.w.w.wrapping_add((self.c0 + NR) * self.w.rb);
+            for l in 0..(NR * bb).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * bb * NR + l * 64) as *const i8);
+            }
+            if Q41 {
+                prep_q4_1::<NR>(self.w, self.c0, g)
+            } else {
+                prep_q8_0::<NR>(self.w, self.c0, g)
+            }
+        }
+    }
+
+    /// Prepared once per column tile for all its row tiles (batches of more than four
+    /// rows; a tile's groups take 4.6 KB at K = 576, so they stay in L1).
+    struct Packed<'a>(&'a [GroupW]);
+
+    impl GroupSrc for Packed<'_> {
+        #[inline(always)]
+        unsafe fn group(&self, g: usize) -> GroupW {
+            self.0[g]
+        }
+    }
+
+    /// Q4_1 group `g` of columns `c0 .. c0 + NR`: the nibbles of [q_a, q_a, q_b, q_b]
+    /// shifted per 128-bit lane (low, high, low, high), so each half holds one column's 32
+    /// codes in code order.
+    #[inline(always)]
+    unsafe fn prep_q4_1<const NR: usize>(w: &A8Strip, c0: usize, g: usize) -> GroupW {
+        const { assert!(NR <= 4, "a tile's offsets share one 4-lane register and its columns two pairs") };
+        let (low, shifts) = (_mm512_set1_epi8(0x0f), _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
+        let mut gw = GroupW { wv: [_mm512_setzero_si512(); 2], dv: [_mm512_setzero_ps(); 2], mv: _mm_setzero_ps() };
+        let mut mv = [0f32; 4];
+        for p in 0..NR.div_ceil(2) {
+            let (ca, cb) = pair::<NR>(p);
+            let (ba, bb) = (w.w.add((c0 + ca) * w.rb + g * 20), w.w.add((c0 + cb) * w.rb + g * 20));
+            let ((da, ma), (db, mb)) = (dm(ba), dm(bb));
+            (mv[ca], mv[cb]) = (ma, mb);
+            gw.dv[p] = halves(da, db);
+            let q = _mm256_set_m128i(_mm_loadu_si128(bb.add(4) as *const __m128i), _mm_loadu_si128(ba.add(4) as *const __m128i));
+            let q = _mm512_shuffle_i64x2::<0b01_01_00_00>(_mm512_castsi256_si512(q), _mm512_castsi256_si512(q));
+            gw.wv[p] = _mm512_and_si512(_mm512_srlv_epi64(q, shifts), low);
+        }
+        gw.mv = _mm_loadu_ps(mv.as_ptr());
+        gw
+    }
+
+    /// Q8_0 group `g` of columns `c0 .. c0 + NR`: the signed codes flipped to unsigned
+    /// (`w + 128`, as [`prep_w`] does for VNNI).
+    #[inline(always)]
+    unsafe fn prep_q8_0<const NR: usize>(w: &A8Strip, c0: usize, g: usize) -> GroupW {
+        const { assert!(NR <= 4, "a tile's columns are two pairs") };
+        let mut gw = GroupW { wv: [_mm512_setzero_si512(); 2], dv: [_mm512_setzero_ps(); 2], mv: _mm_setzero_ps() };
+        for p in 0..NR.div_ceil(2) {
+            let (ca, cb) = pair::<NR>(p);
+            let (ba, bb) = (w.w.add((c0 + ca) * w.rb + g * 34), w.w.add((c0 + cb) * w.rb + g * 34));
+            gw.dv[p] = halves(dm(ba).0, dm(bb).0);
+            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(ba.add(2) as *const __m256i)), _mm256_loadu_si256(bb.add(2) as *const __m256i));
+            gw.wv[p] = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
+        }
+        gw
+    }
+
     /// [`tile_q4_1_on`] with two columns per 512-bit register ([`pair`]): each lane sees
     /// the operations, in the order, of its lane in the 256-bit tile (one `vpdpbusd`, the
     /// convert, `s_x · d`, one FMA per group), so the bits are the same; half the
     /// instructions per weight.
     #[inline(always)]
-    unsafe fn tile_q4_1_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        const { assert!(NR <= 4, "a tile's offsets share one 4-lane register and its columns two pairs") };
-        let w = w.borrow();
-        let low = _mm512_set1_epi8(0x0f);
-        // Per 128-bit lane of [q_a, q_a, q_b, q_b]: low nibbles, high, low, high.
-        let shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+    unsafe fn tile_q4_1_from<const MR: usize, const NR: usize, G: GroupSrc>(x: *const i8, kp: usize, w: &A8Strip, src: &G, y: *mut f32, ldy: usize) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let mut accm = [_mm_setzero_ps(); MR];
         let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
-        let pf = w.w.wrapping_add((c0 + NR) * w.rb);
         for g in 0..kp / 32 {
-            for l in 0..(NR * 20).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * 20 * NR + l * 64) as *const i8);
-            }
-            let mut wv = [_mm512_setzero_si512(); 2];
-            let mut dv = [_mm512_setzero_ps(); 2];
-            let mut mv = [0f32; 4];
-            for p in 0..NR.div_ceil(2) {
-                let (ca, cb) = pair::<NR>(p);
-                let (ba, bb) = (w.w.add((c0 + ca) * w.rb + g * 20), w.w.add((c0 + cb) * w.rb + g * 20));
-                let ((da, ma), (db, mb)) = (dm(ba), dm(bb));
-                (mv[ca], mv[cb]) = (ma, mb);
-                dv[p] = halves(da, db);
-                let q = _mm256_set_m128i(_mm_loadu_si128(bb.add(4) as *const __m128i), _mm_loadu_si128(ba.add(4) as *const __m128i));
-                let q = _mm512_shuffle_i64x2::<0b01_01_00_00>(_mm512_castsi256_si512(q), _mm512_castsi256_si512(q));
-                wv[p] = _mm512_and_si512(_mm512_srlv_epi64(q, shifts), low);
-            }
-            let mv = _mm_loadu_ps(mv.as_ptr());
+            let gw = src.group(g);
             for r in 0..MR {
                 let xv = codes_twice(x.add(r * kp + g * 32));
                 let (sx, xs) = (_mm512_set1_ps(*rows[r].0.add(g)), *rows[r].1.add(g));
                 for p in 0..NR.div_ceil(2) {
-                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[p], xv));
-                    acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sx, dv[p]), acc[r][p]);
+                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), gw.wv[p], xv));
+                    acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sx, gw.dv[p]), acc[r][p]);
                 }
-                accm[r] = _mm_fmadd_ps(mv, _mm_set1_ps(xs), accm[r]);
+                accm[r] = _mm_fmadd_ps(gw.mv, _mm_set1_ps(xs), accm[r]);
             }
         }
         let m: [[f32; 4]; MR] = std::array::from_fn(|r| {
@@ -520,41 +585,84 @@ mod x86 {
         store_pairs::<MR, NR>(&acc, &m, y, ldy);
     }
 
-    /// [`tile_q8_0_on`] with two columns per 512-bit register, as [`tile_q4_1_vnni`]: the
+    /// [`tile_q8_0_on`] with two columns per 512-bit register, as [`tile_q4_1_from`]: the
     /// same integer dot products ([`dot_ss`]'s VNNI form) and lane operations.
     #[inline(always)]
-    unsafe fn tile_q8_0_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        const { assert!(NR <= 4, "a tile's columns are two pairs") };
-        let w = w.borrow();
+    unsafe fn tile_q8_0_from<const MR: usize, const NR: usize, G: GroupSrc>(x: *const i8, kp: usize, w: &A8Strip, src: &G, y: *mut f32, ldy: usize) {
         let flip = _mm512_set1_epi8(-128);
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let rows: [*const f32; MR] = std::array::from_fn(|r| w.row(x.add(r * kp)).0);
-        let pf = w.w.wrapping_add((c0 + NR) * w.rb);
         for g in 0..kp / 32 {
-            for l in 0..(NR * 34).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * 34 * NR + l * 64) as *const i8);
-            }
-            let mut wv = [_mm512_setzero_si512(); 2];
-            let mut dv = [_mm512_setzero_ps(); 2];
-            for p in 0..NR.div_ceil(2) {
-                let (ca, cb) = pair::<NR>(p);
-                let (ba, bb) = (w.w.add((c0 + ca) * w.rb + g * 34), w.w.add((c0 + cb) * w.rb + g * 34));
-                dv[p] = halves(dm(ba).0, dm(bb).0);
-                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(ba.add(2) as *const __m256i)), _mm256_loadu_si256(bb.add(2) as *const __m256i));
-                wv[p] = _mm512_xor_si512(q, flip);
-            }
+            let gw = src.group(g);
             for r in 0..MR {
                 let xv = codes_twice(x.add(r * kp + g * 32));
                 // Σ (w + 128)·x onto -128 · Σx: the exact signed dot product.
                 let bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xv));
                 let sx = _mm512_set1_ps(*rows[r].add(g));
                 for p in 0..NR.div_ceil(2) {
-                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, wv[p], xv));
-                    acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sx, dv[p]), acc[r][p]);
+                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, gw.wv[p], xv));
+                    acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sx, gw.dv[p]), acc[r][p]);
                 }
             }
         }
         store_pairs::<MR, NR>(&acc, &[[0f32; 4]; MR], y, ldy);
+    }
+
+    #[inline(always)]
+    unsafe fn tile_q4_1_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        let w = w.borrow();
+        tile_q4_1_from::<MR, NR, _>(x, kp, w, &Direct::<NR, true> { w, c0 }, y, ldy)
+    }
+
+    #[inline(always)]
+    unsafe fn tile_q8_0_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
+        let w = w.borrow();
+        tile_q8_0_from::<MR, NR, _>(x, kp, w, &Direct::<NR, false> { w, c0 }, y, ldy)
+    }
+
+    /// Batches of more than four rows: each tile of four columns has its groups prepared
+    /// once ([`Packed`]) and every row tile reads them (the direct tiles prepared them once
+    /// per four rows: a third of a 16-row GEMM's instructions); columns past a multiple of
+    /// four go through the direct tiles.
+    #[inline(always)]
+    unsafe fn gemm_packed<const Q41: bool>(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
+        let (x, kp) = (w.xq0, w.kp);
+        let n4 = n / 4 * 4;
+        let mut pack: Vec<GroupW> = Vec::with_capacity(kp / 32);
+        for j in (0..n4).step_by(4) {
+            let direct = Direct::<4, Q41> { w, c0: j };
+            pack.clear();
+            // A loop, not a closure: closures do not inherit the caller's target features.
+            for g in 0..kp / 32 {
+                pack.push(direct.group(g));
+            }
+            let src = Packed(&pack);
+            let mut i = 0;
+            while i < m {
+                let (xi, yi) = (x.add(i * kp), y.add(i * ldy + j));
+                let mr = (m - i).min(4);
+                match (mr, Q41) {
+                    (4, true) => tile_q4_1_from::<4, 4, _>(xi, kp, w, &src, yi, ldy),
+                    (3, true) => tile_q4_1_from::<3, 4, _>(xi, kp, w, &src, yi, ldy),
+                    (2, true) => tile_q4_1_from::<2, 4, _>(xi, kp, w, &src, yi, ldy),
+                    (_, true) => tile_q4_1_from::<1, 4, _>(xi, kp, w, &src, yi, ldy),
+                    (4, false) => tile_q8_0_from::<4, 4, _>(xi, kp, w, &src, yi, ldy),
+                    (3, false) => tile_q8_0_from::<3, 4, _>(xi, kp, w, &src, yi, ldy),
+                    (2, false) => tile_q8_0_from::<2, 4, _>(xi, kp, w, &src, yi, ldy),
+                    (_, false) => tile_q8_0_from::<1, 4, _>(xi, kp, w, &src, yi, ldy),
+                }
+                i += mr;
+            }
+        }
+        if n4 < n {
+            let rest = &A8Strip { w: w.w.add(n4 * w.rb), ..*w };
+            let (y, n) = (y.add(n4), n - n4);
+            if Q41 {
+                tiled_driver!(tile_q4_1_vnni, 4, 4, x, m, kp, rest, n, y, ldy)
+            } else {
+                tiled_driver!(tile_q8_0_vnni, 4, 4, x, m, kp, rest, n, y, ldy)
+            }
+        }
     }
 
     /// The low 16 bits of each lane, as f16, widened.
@@ -655,25 +763,25 @@ mod x86 {
         }
     }
 
-    /// The VNNI tiles: 4 rows x 2 column pairs for batches (8 rows measured no faster:
-    /// their accumulators spill).
+    /// The VNNI tiles: 4 rows x 2 column pairs; more than four rows through
+    /// [`gemm_packed`] (8-row tiles measured no faster: their accumulators spill).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn gemm_q4_1_vnni(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
         let (x, kp) = (w.xq0, w.kp);
-        if m == 1 {
-            tiled_driver!(tile_q4_1_vnni, 1, 4, x, m, kp, w, n, y, ldy)
-        } else {
-            tiled_driver!(tile_q4_1_vnni, 4, 4, x, m, kp, w, n, y, ldy)
+        match m {
+            1 => tiled_driver!(tile_q4_1_vnni, 1, 4, x, m, kp, w, n, y, ldy),
+            2..=4 => tiled_driver!(tile_q4_1_vnni, 4, 4, x, m, kp, w, n, y, ldy),
+            _ => gemm_packed::<true>(w, m, n, y, ldy),
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
     pub unsafe fn gemm_q8_0_vnni(w: &A8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
         let (x, kp) = (w.xq0, w.kp);
-        if m == 1 {
-            tiled_driver!(tile_q8_0_vnni, 1, 4, x, m, kp, w, n, y, ldy)
-        } else {
-            tiled_driver!(tile_q8_0_vnni, 4, 4, x, m, kp, w, n, y, ldy)
+        match m {
+            1 => tiled_driver!(tile_q8_0_vnni, 1, 4, x, m, kp, w, n, y, ldy),
+            2..=4 => tiled_driver!(tile_q8_0_vnni, 4, 4, x, m, kp, w, n, y, ldy),
+            _ => gemm_packed::<false>(w, m, n, y, ldy),
         }
     }
 }
