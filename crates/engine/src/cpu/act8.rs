@@ -137,14 +137,14 @@ thread_local! {
 
 /// `y[m, N] = x[m, K] · Wᵀ` with W in blocks and x quantized per token and group.
 pub fn matmul_a8(kern: I8Kernel, pool: &ThreadPool, x: &[f32], k: usize, w: &A8Weight, n: usize, y: &mut [f32]) {
-    with_acts(x, k, |acts, sums| gemm_a8(kern, pool, acts, sums, w, n, y))
+    with_acts(pool, x, k, |acts, sums| gemm_a8(kern, pool, acts, sums, w, n, y))
 }
 
-/// `f` on `x[m, k]` quantized, with its [`group_sums`] (per-thread buffers).
-pub fn with_acts<R>(x: &[f32], k: usize, f: impl FnOnce(&QuantActs, &[f32]) -> R) -> R {
+/// `f` on `x[m, k]` quantized (on `pool`), with its [`group_sums`] (per-thread buffers).
+pub fn with_acts<R>(pool: &ThreadPool, x: &[f32], k: usize, f: impl FnOnce(&QuantActs, &[f32]) -> R) -> R {
     ACTS.with(|a| {
         let (acts, sums) = &mut *a.borrow_mut();
-        acts.quantize(x, k, k);
+        acts.quantize_on(pool, x, k, k);
         group_sums(acts, sums);
         f(acts, sums)
     })

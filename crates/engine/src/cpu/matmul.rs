@@ -399,13 +399,13 @@ pub fn matmul_many_acts(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Li
     // SAFETY (every body): task t writes only columns n0..n0+rows of layer i's output.
     match first {
         Kind::Plain => run(&|lin, n0, rows, y| unsafe { plain_cols(kern, lin, x, m, n0, rows, y) }),
-        Kind::I8(kp) => super::quant::with_acts(x, k, kp, |acts| {
+        Kind::I8(kp) => super::quant::with_acts(pool, x, k, kp, |acts| {
             run(&|lin, n0, rows, y| {
                 let Weight::I8(w) = &lin.weight else { unreachable!("checked: every layer is INT8") };
                 unsafe { super::quant::gemm_i8_cols(k8, acts, w, lin.out_features, n0, rows, y) }
             })
         }),
-        Kind::A8 => super::act8::with_acts(x, k, |acts, sums| {
+        Kind::A8 => super::act8::with_acts(pool, x, k, |acts, sums| {
             run(&|lin, n0, rows, y| {
                 let Weight::A8(w) = &lin.weight else { unreachable!("checked: every layer is act8") };
                 unsafe { super::act8::gemm_a8_cols(k8, (acts, sums), w, lin.out_features, n0, rows, y) }

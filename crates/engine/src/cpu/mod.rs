@@ -35,10 +35,10 @@ macro_rules! tiled_driver {
 
 /// An output buffer shared with the pool's tasks, each of which writes a part no other
 /// task writes (the caller states which, at the `unsafe` block that writes).
-pub(crate) struct SyncPtr(pub *mut f32);
+pub(crate) struct SyncPtr<T = f32>(pub *mut T);
 // SAFETY: only the raw pointer crosses threads; callers write disjoint parts through it.
-unsafe impl Sync for SyncPtr {}
-unsafe impl Send for SyncPtr {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+unsafe impl<T> Send for SyncPtr<T> {}
 
 pub mod act8;
 pub mod attention;

@@ -19,6 +19,7 @@
 use std::cell::RefCell;
 
 use super::matmul::Kernel;
+use super::SyncPtr;
 use crate::threadpool::ThreadPool;
 
 /// INT8 rows are padded to this many columns (one AVX2 register of bytes).
@@ -252,59 +253,108 @@ pub struct QuantActs {
     pub outliers: Vec<(u32, f32)>,
     /// Row `i`'s outliers are `outliers[row_outliers[i]..row_outliers[i + 1]]`.
     pub row_outliers: Vec<usize>,
+    /// Per row, its outliers while rows are quantized in parallel (kept for their capacity).
+    row_scratch: Vec<Vec<(u32, f32)>>,
 }
 
 impl QuantActs {
     pub const fn new() -> QuantActs {
-        QuantActs { m: 0, kp: 0, xq: Vec::new(), sx: Vec::new(), outliers: Vec::new(), row_outliers: Vec::new() }
+        QuantActs { m: 0, kp: 0, xq: Vec::new(), sx: Vec::new(), outliers: Vec::new(), row_outliers: Vec::new(), row_scratch: Vec::new() }
     }
 
     /// Quantizes `x[m, k]` for weights of row stride `kp`.
     pub fn quantize(&mut self, x: &[f32], k: usize, kp: usize) {
-        let m = x.len() / k;
+        self.resize(x.len() / k, kp);
         let groups = kp / I8_ALIGN;
+        for (i, row) in x.chunks_exact(k).enumerate() {
+            quantize_token(row, &mut self.xq[i * kp..(i + 1) * kp], &mut self.sx[i * groups..(i + 1) * groups], &mut self.outliers);
+            self.row_outliers.push(self.outliers.len());
+        }
+    }
+
+    /// [`QuantActs::quantize`] with the rows spread over `pool` (the same bits: each row is
+    /// quantized alone, and its outliers are put in row order after). One row stays on the
+    /// calling thread, where waking the pool would cost more than it saves.
+    pub fn quantize_on(&mut self, pool: &ThreadPool, x: &[f32], k: usize, kp: usize) {
+        let m = x.len() / k;
+        if m < 2 || pool.threads() < 2 {
+            return self.quantize(x, k, kp);
+        }
+        self.resize(m, kp);
+        let groups = kp / I8_ALIGN;
+        if self.row_scratch.len() < m {
+            self.row_scratch.resize_with(m, Vec::new);
+        }
+        let (xq, sx, outs) = (SyncPtr(self.xq.as_mut_ptr()), SyncPtr(self.sx.as_mut_ptr()), SyncPtr(self.row_scratch.as_mut_ptr()));
+        pool.run(m, &|i| {
+            let _ = (&xq, &sx, &outs);
+            // SAFETY: task i touches only row i of `xq` and `sx` and its own scratch vector,
+            // all of which exist (resized above), and nothing else reads them meanwhile.
+            unsafe {
+                let out = &mut *outs.0.add(i);
+                out.clear();
+                quantize_token(
+                    &x[i * k..(i + 1) * k],
+                    std::slice::from_raw_parts_mut(xq.0.add(i * kp), kp),
+                    std::slice::from_raw_parts_mut(sx.0.add(i * groups), groups),
+                    out,
+                );
+            }
+        });
+        for out in &self.row_scratch[..m] {
+            self.outliers.extend_from_slice(out);
+            self.row_outliers.push(self.outliers.len());
+        }
+    }
+
+    /// `m` rows for weights of row stride `kp`, zeroed (so the padding reads 0), no outliers.
+    fn resize(&mut self, m: usize, kp: usize) {
         self.m = m;
         self.kp = kp;
         self.xq.clear();
         self.xq.resize(m * kp, 0);
         self.sx.clear();
-        self.sx.resize(m * groups, 0.0);
+        self.sx.resize(m * (kp / I8_ALIGN), 0.0);
         self.outliers.clear();
         self.row_outliers.clear();
         self.row_outliers.push(0);
-        let mut part = [0f32; I8_ALIGN];
-        for (i, row) in x.chunks_exact(k).enumerate() {
-            let rms = (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64).sqrt() as f32;
-            let limit = OUTLIER_RATIO * rms;
-            for (g, src) in row.chunks(I8_ALIGN).enumerate() {
-                let part = &mut part[..src.len()];
-                for (j, (d, &v)) in part.iter_mut().zip(src).enumerate() {
-                    if v.abs() > limit {
-                        self.outliers.push(((g * I8_ALIGN + j) as u32, v));
-                        *d = 0.0;
-                    } else {
-                        *d = v;
-                    }
-                }
-                let at = i * kp + g * I8_ALIGN;
-                self.sx[i * groups + g] = quantize_row(part, &mut self.xq[at..at + src.len()]);
+    }
+}
+
+/// One token: its group scales into `sx`, codes into `xq` (its first `row.len()` of `kp`),
+/// the activations above [`OUTLIER_RATIO`] times its RMS appended to `outliers` (and 0 in
+/// their groups).
+fn quantize_token(row: &[f32], xq: &mut [i8], sx: &mut [f32], outliers: &mut Vec<(u32, f32)>) {
+    let k = row.len();
+    let rms = (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64).sqrt() as f32;
+    let limit = OUTLIER_RATIO * rms;
+    let mut part = [0f32; I8_ALIGN];
+    for (g, src) in row.chunks(I8_ALIGN).enumerate() {
+        let part = &mut part[..src.len()];
+        for (j, (d, &v)) in part.iter_mut().zip(src).enumerate() {
+            if v.abs() > limit {
+                outliers.push(((g * I8_ALIGN + j) as u32, v));
+                *d = 0.0;
+            } else {
+                *d = v;
             }
-            self.row_outliers.push(self.outliers.len());
         }
+        let at = g * I8_ALIGN;
+        sx[g] = quantize_row(part, &mut xq[at..at + src.len()]);
     }
 }
 
 /// `y[m, N] = x[m, K] · Wᵀ` with W in INT8 and x quantized per token and group.
 /// `x` holds whole rows of `k`.
 pub fn matmul_i8(kern: Kernel, pool: &ThreadPool, x: &[f32], k: usize, w: &I8Weight, n: usize, y: &mut [f32]) {
-    with_acts(x, k, w.kp, |acts| gemm_i8(I8Kernel::for_kernel(kern), pool, acts, w, n, y))
+    with_acts(pool, x, k, w.kp, |acts| gemm_i8(I8Kernel::for_kernel(kern), pool, acts, w, n, y))
 }
 
-/// `f` on `x[m, k]` quantized for weights of row stride `kp` (a per-thread buffer).
-pub fn with_acts<R>(x: &[f32], k: usize, kp: usize, f: impl FnOnce(&QuantActs) -> R) -> R {
+/// `f` on `x[m, k]` quantized (on `pool`) for weights of row stride `kp` (a per-thread buffer).
+pub fn with_acts<R>(pool: &ThreadPool, x: &[f32], k: usize, kp: usize, f: impl FnOnce(&QuantActs) -> R) -> R {
     ACTS.with(|acts| {
         let mut acts = acts.borrow_mut();
-        acts.quantize(x, k, kp);
+        acts.quantize_on(pool, x, k, kp);
         f(&acts)
     })
 }
@@ -592,6 +642,35 @@ mod tests {
 
     fn rand_vec(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn activations_quantized_on_the_pool_equal_the_serial_ones() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let pool = ThreadPool::new(3);
+        let (mut serial, mut pooled) = (QuantActs::new(), QuantActs::new());
+        for &(m, k, kp) in &[(1usize, 576usize, 576usize), (2, 64, 64), (17, 576, 576), (5, 40, 64), (64, 1536, 1536)] {
+            let mut x = rand_vec(&mut rng, m * k);
+            // Outliers: none in row 0, one in some rows, several in others.
+            for i in 1..m {
+                for o in 0..i % 4 {
+                    x[i * k + (i * 13 + o * 7) % k] = 30.0 + o as f32;
+                }
+            }
+            serial.quantize(&x, k, kp);
+            // A second call with other data must not leave anything of the first behind.
+            pooled.quantize_on(&pool, &rand_vec(&mut rng, (m + 3) * k), k, kp);
+            pooled.quantize_on(&pool, &x, k, kp);
+            assert_eq!((pooled.m, pooled.kp), (serial.m, serial.kp));
+            assert_eq!(pooled.xq, serial.xq, "m={m} k={k}");
+            assert_eq!(pooled.sx, serial.sx);
+            assert_eq!(pooled.outliers, serial.outliers);
+            assert_eq!(pooled.row_outliers, serial.row_outliers);
+            if m > 2 && k >= 576 {
+                // Long rows: every planted value is far above the limit.
+                assert_eq!(serial.outliers.len(), (1..m).map(|i| i % 4).sum::<usize>());
+            }
+        }
     }
 
     #[test]
