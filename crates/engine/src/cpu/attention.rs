@@ -251,17 +251,81 @@ unsafe fn load_runs<W: Widen>(src: KvSlice<'_>, at: usize, src_stride: usize, co
 /// chains per lane keep the adders busy, and the error grows as for a pairwise sum.
 const PARTS: usize = 4;
 
-/// Scores of `R` query rows against every lane of a transposed K tile (`kt[e * TILE + j]`).
-/// Lanes are independent, so a query's scores depend neither on which rows share the call
-/// nor on what the lanes it ignores hold.
+/// Where [`tile_scores`] reads a K tile: dimension `e` of its [`TILE`] keys, as f32.
+trait KTile {
+    fn dim(&self, e: usize) -> [f32; TILE];
+}
+
+/// The tile copied, transposed (`kt[e * TILE + j]`).
+struct Copied<'a>(&'a [f32]);
+
+impl KTile for Copied<'_> {
+    #[inline(always)]
+    fn dim(&self, e: usize) -> [f32; TILE] {
+        self.0[e * TILE..(e + 1) * TILE].try_into().unwrap()
+    }
+}
+
+/// A tile that is two whole cache blocks of 16 keys, read in place: the cache keeps K
+/// transposed within a block, so dimension `e` of a block's keys is 16 values in a row.
+/// The values are those a copy would hold, so the scores are the same bits.
+struct TwoBlocks<T, W> {
+    a: *const T,
+    b: *const T,
+    _widen: std::marker::PhantomData<W>,
+}
+
+impl<T, W> TwoBlocks<T, W> {
+    /// # Safety
+    /// `a` and `b` point at `16 · d` values each, which outlive the value.
+    #[inline(always)]
+    unsafe fn new(a: *const T, b: *const T) -> Self {
+        TwoBlocks { a, b, _widen: std::marker::PhantomData }
+    }
+}
+
+impl<W: Widen> KTile for TwoBlocks<f16, W> {
+    #[inline(always)]
+    fn dim(&self, e: usize) -> [f32; TILE] {
+        let mut k = [0f32; TILE];
+        // SAFETY: `new`'s contract; `e < d`.
+        unsafe {
+            W::widen16(self.a.add(e * 16), k.as_mut_ptr());
+            W::widen16(self.b.add(e * 16), k.as_mut_ptr().add(16));
+        }
+        k
+    }
+}
+
+impl<W> KTile for TwoBlocks<f32, W> {
+    #[inline(always)]
+    fn dim(&self, e: usize) -> [f32; TILE] {
+        let mut k = [0f32; TILE];
+        // SAFETY: `new`'s contract; `e < d`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.a.add(e * 16), k.as_mut_ptr(), 16);
+            std::ptr::copy_nonoverlapping(self.b.add(e * 16), k.as_mut_ptr().add(16), 16);
+        }
+        k
+    }
+}
+
+/// Scores of `R` query rows against every lane of a K tile. Lanes are independent, so a
+/// query's scores depend neither on which rows share the call nor on what the lanes it
+/// ignores hold.
 #[inline(always)]
-fn tile_scores<const R: usize>(qs: [&[f32]; R], kt: &[f32], d: usize) -> [[f32; TILE]; R] {
+fn tile_scores<const R: usize, K: KTile>(qs: [&[f32]; R], kt: &K, d: usize) -> [[f32; TILE]; R] {
     let qs = qs.map(|q| &q[..d]);
     let mut s = [[[0f32; TILE]; PARTS]; R];
     let body = d / PARTS * PARTS;
-    for (e4, k4) in kt[..body * TILE].chunks_exact(PARTS * TILE).enumerate() {
+    for e4 in 0..body / PARTS {
+        // A plain loop (no closure), so the reads inline into the caller's target features.
+        let mut k4 = [[0f32; TILE]; PARTS];
+        for (part, k) in k4.iter_mut().enumerate() {
+            *k = kt.dim(e4 * PARTS + part);
+        }
         for r in 0..R {
-            for (part, k) in k4.chunks_exact(TILE).enumerate() {
+            for (part, k) in k4.iter().enumerate() {
                 let qe = qs[r][e4 * PARTS + part];
                 for (o, &kv) in s[r][part].iter_mut().zip(k) {
                     *o += qe * kv;
@@ -270,15 +334,32 @@ fn tile_scores<const R: usize>(qs: [&[f32]; R], kt: &[f32], d: usize) -> [[f32; 
         }
     }
     for e in body..d {
-        let k = &kt[e * TILE..(e + 1) * TILE];
+        let k = kt.dim(e);
         for r in 0..R {
             let qe = qs[r][e];
-            for (o, &kv) in s[r][0].iter_mut().zip(k) {
+            for (o, &kv) in s[r][0].iter_mut().zip(&k) {
                 *o += qe * kv;
             }
         }
     }
     s.map(|[s0, s1, s2, s3]| std::array::from_fn(|j| (s0[j] + s1[j]) + (s2[j] + s3[j])))
+}
+
+/// [`tile_scores`] of rows `r .. r + R` (or of row `r` alone where fewer remain, the
+/// count taken returned), reading K from `kt`.
+#[inline(always)]
+fn score_rows<'q, const R: usize, K: KTile>(q_row: &impl Fn(usize) -> &'q [f32], r: usize, rows: usize, kt: &K, d: usize) -> ([[f32; TILE]; R], usize) {
+    let mut scores = [[0f32; TILE]; R];
+    if r + R <= rows {
+        let mut qs = [q_row(r); R];
+        for (i, q) in qs.iter_mut().enumerate() {
+            *q = q_row(r + i);
+        }
+        (tile_scores::<R, K>(qs, kt, d), R)
+    } else {
+        scores[0] = tile_scores::<1, K>([q_row(r)], kt, d)[0];
+        (scores, 1)
+    }
 }
 
 /// `e^x` for x <= 0 (softmax arguments), in plain multiplies and adds so that loops of it
@@ -359,24 +440,35 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
                 prefetch(vc, lay.v_index(slot, g, 0), d);
             }
         }
-        // K: per block the run of these keys, one dimension at a time (the cache keeps K
-        // transposed within a block, the next dimension `bs` further); V: one row per key.
+        // A tile of two whole blocks of 16 keys (most of a long context) has its K read in
+        // place; others copy it. K: per block the run of these keys, one dimension at a
+        // time (the cache keeps K transposed within a block, the next dimension `bs`
+        // further); V: one row per key.
+        let whole = bs == 16 && (la, lb) == (tile_start, tile_start + TILE);
+        let k_at = |kp: usize| lay.k_index(seq.block_table[kp / bs] as usize * bs, g, 0);
         for (kp, o, n) in block_runs(la, lb, bs) {
             let j = kp - tile_start;
             let slot0 = seq.block_table[kp / bs] as usize * bs + o;
-            load_runs::<W>(kc, lay.k_index(slot0, g, 0), bs, d, n, &mut kt[j..], TILE);
+            if !whole {
+                load_runs::<W>(kc, lay.k_index(slot0, g, 0), bs, d, n, &mut kt[j..], TILE);
+            }
             load_runs::<W>(vc, lay.v_index(slot0, g, 0), lay.v_index(1, 0, 0), n, d, &mut vt[j * d..], d);
         }
         let mut r = 0;
         while r < rows {
             // R rows at a time where R remain (independent sums keep the adders busy).
-            let mut scores = [[0f32; TILE]; R];
-            let take = if r + R <= rows {
-                scores = tile_scores::<R>(std::array::from_fn(|i| q_row(r + i)), &kt, d);
-                R
-            } else {
-                scores[0] = tile_scores::<1>([q_row(r)], &kt, d)[0];
-                1
+            let (scores, take) = match (whole, kc) {
+                (true, KvSlice::F16(v)) => {
+                    let (a, b) = (&v[k_at(tile_start)..][..16 * d], &v[k_at(tile_start + 16)..][..16 * d]);
+                    // SAFETY: both slices hold a block's 16 · d values.
+                    score_rows::<R, _>(&q_row, r, rows, &TwoBlocks::<f16, W>::new(a.as_ptr(), b.as_ptr()), d)
+                }
+                (true, KvSlice::F32(v)) => {
+                    let (a, b) = (&v[k_at(tile_start)..][..16 * d], &v[k_at(tile_start + 16)..][..16 * d]);
+                    // SAFETY: both slices hold a block's 16 · d values.
+                    score_rows::<R, _>(&q_row, r, rows, &TwoBlocks::<f32, W>::new(a.as_ptr(), b.as_ptr()), d)
+                }
+                (false, _) => score_rows::<R, _>(&q_row, r, rows, &Copied(&kt), d),
             };
             for (i, mut sc) in scores.into_iter().enumerate().take(take) {
                 let rr = r + i;
