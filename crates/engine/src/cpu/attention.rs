@@ -335,10 +335,9 @@ fn tile_scores<const R: usize, K: KTile>(qs: [&[f32]; R], kt: &K, d: usize) -> [
     }
     for e in body..d {
         let k = kt.dim(e);
-        for r in 0..R {
-            let qe = qs[r][e];
-            for (o, &kv) in s[r][0].iter_mut().zip(&k) {
-                *o += qe * kv;
+        for (q, sr) in qs.iter().zip(s.iter_mut()) {
+            for (o, &kv) in sr[0].iter_mut().zip(&k) {
+                *o += q[e] * kv;
             }
         }
     }
