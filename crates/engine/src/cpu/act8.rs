@@ -556,12 +556,13 @@ mod x86 {
         gw
     }
 
-    /// [`tile_q4_1_on`] with two columns per 512-bit register ([`pair`]): each lane sees
-    /// the operations, in the order, of its lane in the 256-bit tile (one `vpdpbusd`, the
-    /// convert, `s_x · d`, one FMA per group), so the bits are the same; half the
-    /// instructions per weight.
+    /// [`tile_q4_1_on`] (`Q41`) or [`tile_q8_0_on`] with two columns per 512-bit register
+    /// ([`pair`]): each lane sees the operations, in the order, of its lane in the 256-bit
+    /// tile (one `vpdpbusd`, the convert, `s_x · d`, one FMA per group; Q4_1's offsets in
+    /// one 4-lane FMA chain), so the bits are the same; half the instructions per weight.
     #[inline(always)]
-    unsafe fn tile_q4_1_from<const MR: usize, const NR: usize, G: GroupSrc>(x: *const i8, kp: usize, w: &A8Strip, src: &G, y: *mut f32, ldy: usize) {
+    unsafe fn tile_from<const MR: usize, const NR: usize, const Q41: bool, G: GroupSrc>(x: *const i8, kp: usize, w: &A8Strip, src: &G, y: *mut f32, ldy: usize) {
+        let flip = _mm512_set1_epi8(-128);
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let mut accm = [_mm_setzero_ps(); MR];
         let rows: [(*const f32, *const f32); MR] = std::array::from_fn(|r| w.row(x.add(r * kp)));
@@ -569,12 +570,17 @@ mod x86 {
             let gw = src.group(g);
             for r in 0..MR {
                 let xv = codes_twice(x.add(r * kp + g * 32));
-                let (sx, xs) = (_mm512_set1_ps(*rows[r].0.add(g)), *rows[r].1.add(g));
+                // Q4_1 codes are unsigned as they are; Q8_0's were flipped to w + 128, and
+                // Σ (w + 128)·x onto -128 · Σx is the exact signed dot product ([`dot_ss`]).
+                let base = if Q41 { _mm512_setzero_si512() } else { _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xv)) };
+                let sx = _mm512_set1_ps(*rows[r].0.add(g));
                 for p in 0..NR.div_ceil(2) {
-                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), gw.wv[p], xv));
+                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(base, gw.wv[p], xv));
                     acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sx, gw.dv[p]), acc[r][p]);
                 }
-                accm[r] = _mm_fmadd_ps(gw.mv, _mm_set1_ps(xs), accm[r]);
+                if Q41 {
+                    accm[r] = _mm_fmadd_ps(gw.mv, _mm_set1_ps(*rows[r].1.add(g)), accm[r]);
+                }
             }
         }
         let m: [[f32; 4]; MR] = std::array::from_fn(|r| {
@@ -585,39 +591,16 @@ mod x86 {
         store_pairs::<MR, NR>(&acc, &m, y, ldy);
     }
 
-    /// [`tile_q8_0_on`] with two columns per 512-bit register, as [`tile_q4_1_from`]: the
-    /// same integer dot products ([`dot_ss`]'s VNNI form) and lane operations.
-    #[inline(always)]
-    unsafe fn tile_q8_0_from<const MR: usize, const NR: usize, G: GroupSrc>(x: *const i8, kp: usize, w: &A8Strip, src: &G, y: *mut f32, ldy: usize) {
-        let flip = _mm512_set1_epi8(-128);
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let rows: [*const f32; MR] = std::array::from_fn(|r| w.row(x.add(r * kp)).0);
-        for g in 0..kp / 32 {
-            let gw = src.group(g);
-            for r in 0..MR {
-                let xv = codes_twice(x.add(r * kp + g * 32));
-                // Σ (w + 128)·x onto -128 · Σx: the exact signed dot product.
-                let bias = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, xv));
-                let sx = _mm512_set1_ps(*rows[r].add(g));
-                for p in 0..NR.div_ceil(2) {
-                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(bias, gw.wv[p], xv));
-                    acc[r][p] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sx, gw.dv[p]), acc[r][p]);
-                }
-            }
-        }
-        store_pairs::<MR, NR>(&acc, &[[0f32; 4]; MR], y, ldy);
-    }
-
     #[inline(always)]
     unsafe fn tile_q4_1_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
         let w = w.borrow();
-        tile_q4_1_from::<MR, NR, _>(x, kp, w, &Direct::<NR, true> { w, c0 }, y, ldy)
+        tile_from::<MR, NR, true, _>(x, kp, w, &Direct::<NR, true> { w, c0 }, y, ldy)
     }
 
     #[inline(always)]
     unsafe fn tile_q8_0_vnni<const MR: usize, const NR: usize, S: Borrow<A8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
         let w = w.borrow();
-        tile_q8_0_from::<MR, NR, _>(x, kp, w, &Direct::<NR, false> { w, c0 }, y, ldy)
+        tile_from::<MR, NR, false, _>(x, kp, w, &Direct::<NR, false> { w, c0 }, y, ldy)
     }
 
     /// Batches of more than four rows: each tile of four columns has its groups prepared
@@ -642,15 +625,11 @@ mod x86 {
             while i < m {
                 let (xi, yi) = (x.add(i * kp), y.add(i * ldy + j));
                 let mr = (m - i).min(4);
-                match (mr, Q41) {
-                    (4, true) => tile_q4_1_from::<4, 4, _>(xi, kp, w, &src, yi, ldy),
-                    (3, true) => tile_q4_1_from::<3, 4, _>(xi, kp, w, &src, yi, ldy),
-                    (2, true) => tile_q4_1_from::<2, 4, _>(xi, kp, w, &src, yi, ldy),
-                    (_, true) => tile_q4_1_from::<1, 4, _>(xi, kp, w, &src, yi, ldy),
-                    (4, false) => tile_q8_0_from::<4, 4, _>(xi, kp, w, &src, yi, ldy),
-                    (3, false) => tile_q8_0_from::<3, 4, _>(xi, kp, w, &src, yi, ldy),
-                    (2, false) => tile_q8_0_from::<2, 4, _>(xi, kp, w, &src, yi, ldy),
-                    (_, false) => tile_q8_0_from::<1, 4, _>(xi, kp, w, &src, yi, ldy),
+                match mr {
+                    4 => tile_from::<4, 4, Q41, _>(xi, kp, w, &src, yi, ldy),
+                    3 => tile_from::<3, 4, Q41, _>(xi, kp, w, &src, yi, ldy),
+                    2 => tile_from::<2, 4, Q41, _>(xi, kp, w, &src, yi, ldy),
+                    _ => tile_from::<1, 4, Q41, _>(xi, kp, w, &src, yi, ldy),
                 }
                 i += mr;
             }
