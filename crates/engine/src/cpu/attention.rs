@@ -6,9 +6,10 @@
 //! Scores are lane-wise: the K tile is held transposed (one lane a key) and each score is
 //! a plain sum over the head dimension, so no horizontal reductions and no FMA: the same
 //! bits on every instruction-set path. Keys are visited in logical tiles of [`TILE`]
-//! positions aligned to absolute positions, with an online softmax across tiles: memory does not grow with the context, and the
-//! arithmetic for a query depends neither on the block size of the cache nor on how its
-//! prompt was chunked nor on what else is in the batch.
+//! positions aligned to absolute positions, with an online softmax across tiles: memory
+//! does not grow with the context, and the arithmetic for a query depends neither on the
+//! block size of the cache nor on how its prompt was chunked nor on what else is in the
+//! batch.
 //!
 //! ```text
 //! q:   [num_tokens, num_heads * head_dim]     rows query_start .. query_start + query_len
@@ -444,7 +445,9 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
         // time (the cache keeps K transposed within a block, the next dimension `bs`
         // further); V: one row per key.
         let whole = bs == 16 && (la, lb) == (tile_start, tile_start + TILE);
+        // Where the two blocks' K start (when `whole`), found once for all the rows.
         let k_at = |kp: usize| lay.k_index(seq.block_table[kp / bs] as usize * bs, g, 0);
+        let (ka, kb) = if whole { (k_at(tile_start), k_at(tile_start + 16)) } else { (0, 0) };
         for (kp, o, n) in block_runs(la, lb, bs) {
             let j = kp - tile_start;
             let slot0 = seq.block_table[kp / bs] as usize * bs + o;
@@ -458,12 +461,12 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
             // R rows at a time where R remain (independent sums keep the adders busy).
             let (scores, take) = match (whole, kc) {
                 (true, KvSlice::F16(v)) => {
-                    let (a, b) = (&v[k_at(tile_start)..][..16 * d], &v[k_at(tile_start + 16)..][..16 * d]);
+                    let (a, b) = (&v[ka..][..16 * d], &v[kb..][..16 * d]);
                     // SAFETY: both slices hold a block's 16 · d values.
                     score_rows::<R, _>(&q_row, r, rows, &TwoBlocks::<f16, W>::new(a.as_ptr(), b.as_ptr()), d)
                 }
                 (true, KvSlice::F32(v)) => {
-                    let (a, b) = (&v[k_at(tile_start)..][..16 * d], &v[k_at(tile_start + 16)..][..16 * d]);
+                    let (a, b) = (&v[ka..][..16 * d], &v[kb..][..16 * d]);
                     // SAFETY: both slices hold a block's 16 · d values.
                     score_rows::<R, _>(&q_row, r, rows, &TwoBlocks::<f32, W>::new(a.as_ptr(), b.as_ptr()), d)
                 }
