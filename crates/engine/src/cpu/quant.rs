@@ -789,13 +789,13 @@ mod tests {
             rows.push(nan);
             for row in &rows {
                 let (xq_ref, sx_ref, out_ref) = quantize_token_reference(row, kp);
-                let mut runs = vec![("dispatch", QuantActs::new())];
-                runs[0].1.quantize(row, k, kp);
+                let mut acts = QuantActs::new();
+                acts.quantize(row, k, kp);
                 // The portable body alone (on AVX2 machines the dispatch takes the other copy).
                 let (mut xq, mut sx, mut outs) = (vec![0i8; kp], vec![0f32; kp / I8_ALIGN], Vec::new());
                 quantize_token_body(row, &mut xq, &mut sx, &mut outs);
                 let nan_row = row.iter().any(|v| v.is_nan());
-                for (name, (xq, sx, outs)) in [(runs[0].0, (runs[0].1.xq.clone(), runs[0].1.sx.clone(), runs[0].1.outliers.clone())), ("portable", (xq, sx, outs))] {
+                for (name, (xq, sx, outs)) in [("dispatch", (acts.xq, acts.sx, acts.outliers)), ("portable", (xq, sx, outs))] {
                     assert_eq!(xq, xq_ref, "{name} k={k}");
                     assert_eq!(sx.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), sx_ref.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), "{name} k={k}");
                     if nan_row {
