@@ -5,8 +5,9 @@
 //! split is dynamic and the caller waits only for tasks that were claimed, never for a
 //! worker to show up, so a core taken away by another process slows the job in
 //! proportion (the other threads take its share) instead of stalling every job until
-//! the descheduled worker runs again. Workers spin briefly after a job, then sleep on a
-//! condition variable.
+//! the descheduled worker runs again. Workers spin briefly after a job on the atomic
+//! claim word (no lock), then sleep on a condition variable; the caller wakes them only
+//! when one sleeps, so a step's hundreds of jobs cost no system calls.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -25,6 +26,9 @@ struct Job {
 struct State {
     job: Option<Job>,
     shutdown: bool,
+    /// Workers waiting on `wake` (changed under the lock, so a job published under it
+    /// either is seen by a worker before it sleeps or finds it counted here).
+    sleepers: usize,
 }
 
 struct Inner {
@@ -67,7 +71,7 @@ impl ThreadPool {
     /// A pool of `threads` threads in all (the caller counts as one).
     pub fn new(threads: usize) -> Self {
         let inner = Arc::new(Inner {
-            state: Mutex::new(State { job: None, shutdown: false }),
+            state: Mutex::new(State { job: None, shutdown: false, sleepers: 0 }),
             wake: Condvar::new(),
             claim: AtomicU64::new(0),
             completed: AtomicUsize::new(0),
@@ -109,12 +113,17 @@ impl ThreadPool {
         // no claim of `g` can succeed (the index is exhausted or the generation moved on).
         let task: Task<'static> = unsafe { std::mem::transmute::<Task<'_>, Task<'static>>(f) };
         inner.completed.store(0, Ordering::Release);
-        inner.claim.store((g as u64) << 32, Ordering::Release);
-        {
+        let sleepers = {
             let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
             st.job = Some(Job { task, n_tasks, generation: g });
+            st.sleepers
+        };
+        // Published after the job: a spinning worker that sees generation `g` here finds
+        // its job under the lock.
+        inner.claim.store((g as u64) << 32, Ordering::Release);
+        if sleepers > 0 {
+            inner.wake.notify_all();
         }
-        inner.wake.notify_all();
         inner.work(g, n_tasks, f);
         let mut spins = 0usize;
         while inner.completed.load(Ordering::Acquire) < n_tasks {
@@ -131,30 +140,30 @@ impl ThreadPool {
 fn worker(inner: Arc<Inner>) {
     let mut seen = 0u32;
     loop {
-        let mut spins = 0;
-        let (task, n_tasks, generation) = loop {
-            {
-                let st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-                if st.shutdown {
-                    return;
-                }
-                if let Some(job) = &st.job {
-                    if job.generation != seen {
-                        seen = job.generation;
-                        break (job.task, job.n_tasks, job.generation);
-                    }
-                }
-                if spins >= SPIN_ITERS / 100 {
-                    let st = inner.wake.wait(st).unwrap_or_else(|e| e.into_inner());
-                    drop(st);
-                    continue;
-                }
-            }
+        // Spin on the claim word until it shows a new generation, then sleep.
+        let mut spins = 0usize;
+        while (inner.claim.load(Ordering::Acquire) >> 32) as u32 == seen && spins < SPIN_ITERS {
             spins += 1;
-            for _ in 0..100 {
-                std::hint::spin_loop();
+            std::hint::spin_loop();
+        }
+        let mut st = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.shutdown {
+                return;
             }
-        };
+            if let Some(job) = &st.job {
+                if job.generation != seen {
+                    break;
+                }
+            }
+            st.sleepers += 1;
+            st = inner.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.sleepers -= 1;
+        }
+        let job = st.job.as_ref().expect("checked above");
+        let (task, n_tasks, generation) = (job.task, job.n_tasks, job.generation);
+        seen = generation;
+        drop(st);
         inner.work(generation, n_tasks, task);
     }
 }
@@ -182,6 +191,30 @@ mod tests {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n = {n}");
+        }
+    }
+
+    /// Two tasks that each wait for the other to start: done only if a worker takes one
+    /// while the caller holds the other, after the workers have gone to sleep (and while
+    /// they still spin). A worker left asleep fails the wait instead of hanging the test.
+    #[test]
+    fn sleeping_and_spinning_workers_take_the_next_job() {
+        let pool = ThreadPool::new(2);
+        for pause_ms in [50u64, 0, 50, 0] {
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+            let entered = AtomicUsize::new(0);
+            let met = AtomicUsize::new(0);
+            pool.run(2, &|_| {
+                entered.fetch_add(1, Ordering::AcqRel);
+                let t0 = std::time::Instant::now();
+                while entered.load(Ordering::Acquire) < 2 && t0.elapsed() < std::time::Duration::from_secs(5) {
+                    std::hint::spin_loop();
+                }
+                if entered.load(Ordering::Acquire) == 2 {
+                    met.fetch_add(1, Ordering::AcqRel);
+                }
+            });
+            assert_eq!(met.load(Ordering::Acquire), 2, "after a pause of {pause_ms} ms the worker did not join");
         }
     }
 
