@@ -60,12 +60,11 @@ impl I8Weight {
     }
 }
 
-/// Symmetric INT8 of one row: returns the scale (`amax / 127`, 0 for an all-zero row) and
-/// writes `round(v / scale)` into `q` (ties to even, in -127..=127).
+/// The largest magnitude of `row` (0 for an empty or all-zero row; NaN is passed over): in
+/// eight lanes, then across them, the same value as a serial fold (a maximum does not
+/// round) without its chain of dependent steps.
 #[inline(always)]
-pub fn quantize_row(row: &[f32], q: &mut [i8]) -> f32 {
-    // The maximum in eight lanes, then across them: the same value as a serial fold (a
-    // maximum does not round, and `max` passes over NaN either way), but no dependent chain.
+pub fn abs_max(row: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = row.chunks_exact(8);
     let rest = chunks.remainder();
@@ -77,7 +76,14 @@ pub fn quantize_row(row: &[f32], q: &mut [i8]) -> f32 {
     for (l, &v) in lanes.iter_mut().zip(rest) {
         *l = l.max(v.abs());
     }
-    let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+    lanes.iter().fold(0f32, |a, &l| a.max(l))
+}
+
+/// Symmetric INT8 of one row: returns the scale (`amax / 127`, 0 for an all-zero row) and
+/// writes `round(v / scale)` into `q` (ties to even, in -127..=127).
+#[inline(always)]
+pub fn quantize_row(row: &[f32], q: &mut [i8]) -> f32 {
+    let amax = abs_max(row);
     if amax == 0.0 || !amax.is_finite() {
         q[..row.len()].fill(0);
         return if amax.is_finite() { 0.0 } else { f32::NAN };
@@ -117,20 +123,7 @@ impl F8Weight {
         let mut q = vec![0u8; n * k];
         let mut scale = vec![0f32; n];
         for (j, row) in w.chunks_exact(k).enumerate() {
-            // The maximum in eight lanes, then across them: the same value as a serial fold (a
-    // maximum does not round, and `max` passes over NaN either way), but no dependent chain.
-    let mut lanes = [0f32; 8];
-    let chunks = row.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = l.max(v.abs());
-        }
-    }
-    for (l, &v) in lanes.iter_mut().zip(rest) {
-        *l = l.max(v.abs());
-    }
-    let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+            let amax = abs_max(row);
             let s = if amax > 0.0 { amax / E4M3_MAX } else { 0.0 };
             scale[j] = s;
             if s > 0.0 {
