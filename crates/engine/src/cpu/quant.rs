@@ -60,23 +60,31 @@ impl I8Weight {
     }
 }
 
-/// The largest magnitude of `row` (0 for an empty or all-zero row; NaN is passed over): in
-/// eight lanes, then across them, the same value as a serial fold (a maximum does not
-/// round) without its chain of dependent steps.
+/// `f` folded over `row` in eight lanes (lane l takes elements l, l + 8, ..., in order):
+/// eight independent chains where a serial fold has one, which the compiler turns into
+/// vector operations; the caller combines the lanes in a fixed order.
 #[inline(always)]
-pub fn abs_max(row: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
+fn fold_lanes<T: Copy>(row: &[f32], init: T, f: impl Fn(T, f32) -> T) -> [T; 8] {
+    let mut lanes = [init; 8];
     let chunks = row.chunks_exact(8);
     let rest = chunks.remainder();
     for c in chunks {
         for (l, &v) in lanes.iter_mut().zip(c) {
-            *l = l.max(v.abs());
+            *l = f(*l, v);
         }
     }
     for (l, &v) in lanes.iter_mut().zip(rest) {
-        *l = l.max(v.abs());
+        *l = f(*l, v);
     }
-    lanes.iter().fold(0f32, |a, &l| a.max(l))
+    lanes
+}
+
+/// The largest magnitude of `row` (0 for an empty or all-zero row; NaN is passed over):
+/// [`fold_lanes`], then across the lanes, the same value as a serial fold (a maximum does
+/// not round).
+#[inline(always)]
+pub fn abs_max(row: &[f32]) -> f32 {
+    fold_lanes(row, 0f32, |l, v| l.max(v.abs())).iter().fold(0f32, |a, &l| a.max(l))
 }
 
 /// Symmetric INT8 of one row: returns the scale (`amax / 127`, 0 for an all-zero row) and
@@ -391,22 +399,12 @@ fn quantize_token_body(row: &[f32], xq: &mut [i8], sx: &mut [f32], outliers: &mu
     }
 }
 
-/// The RMS of a token's activations: squares summed in f64 in eight lanes (lane l takes
-/// elements l, l + 8, ...), the lanes added in a fixed tree; a serial sum was a chain of
+/// The RMS of a token's activations: squares summed in f64 in eight lanes
+/// ([`fold_lanes`]), the lanes added in a fixed tree; a serial sum was a chain of
 /// dependent adds, 5% of a 16-stream decode step.
 #[inline(always)]
 fn token_rms(row: &[f32]) -> f32 {
-    let mut acc = [0f64; 8];
-    let chunks = row.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v as f64 * v as f64;
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(rest) {
-        *a += v as f64 * v as f64;
-    }
+    let acc = fold_lanes(row, 0f64, |a, v| a + v as f64 * v as f64);
     let sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
     (sum / row.len() as f64).sqrt() as f32
 }
