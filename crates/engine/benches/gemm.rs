@@ -34,8 +34,8 @@ fn weights(n: usize, k: usize, rng: &mut rand::rngs::StdRng) -> Vec<(&'static st
     vec![
         ("f32", Linear::new(Weight::F32(dense.clone()), n, k).unwrap()),
         ("q4_1", Linear::new(Weight::Q4_1(q41.clone()), n, k).unwrap()),
-        ("act8_q4_1", Linear::new(Weight::A8(A8Weight { format: A8Format::Q4_1, blocks: q41 }), n, k).unwrap()),
-        ("act8_q8_0", Linear::new(Weight::A8(A8Weight { format: A8Format::Q8_0, blocks: quantize_q8_0(&dense) }), n, k).unwrap()),
+        ("act8_q4_1", Linear::new(Weight::A8(A8Weight::from_blocks(A8Format::Q4_1, &q41, n, k)), n, k).unwrap()),
+        ("act8_q8_0", Linear::new(Weight::A8(A8Weight::from_blocks(A8Format::Q8_0, &quantize_q8_0(&dense), n, k)), n, k).unwrap()),
         ("int8", Linear::new(Weight::I8(I8Weight::quantize(&dense, n, k)), n, k).unwrap()),
         ("fp8", Linear::new(Weight::F8(F8Weight::quantize(&dense, n, k)), n, k).unwrap()),
     ]

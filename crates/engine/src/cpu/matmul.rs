@@ -85,7 +85,7 @@ impl Weight {
             Weight::Q8_0(v) | Weight::Q4_0(v) | Weight::Q4_1(v) | Weight::Q5_0(v) => v.len(),
             Weight::I8(w) => w.q.len() + w.scale.len() * 4,
             Weight::F8(w) => w.q.len() + w.scale.len() * 4,
-            Weight::A8(w) => w.blocks.len(),
+            Weight::A8(w) => w.panels.len(),
         }
     }
 
@@ -237,6 +237,8 @@ impl Linear {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Rows of act8 panels as row-major GGUF blocks, for [`Kernel::dequant`].
+    static A8_ROWS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Up to this many rows, quantized weights are expanded in registers (read once from
@@ -392,7 +394,7 @@ pub fn matmul_many_acts(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Li
     for lin in &lins {
         match &lin.weight {
             Weight::I8(w) => assert_eq!(w.q.len(), lin.out_features * w.kp, "INT8 weight of the wrong size"),
-            Weight::A8(w) => assert_eq!(w.blocks.len(), lin.out_features * w.row_bytes(k), "act8 weight of the wrong size"),
+            Weight::A8(w) => assert_eq!((w.n, w.k), (lin.out_features, k), "act8 weight of the wrong shape"),
             _ => {}
         }
     }
@@ -572,23 +574,21 @@ impl Kernel {
                     let b = &b[n0 * rb..(n0 + rows) * rb];
                     x86::dequant_avx2(&x86::Q50Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr())
                 }
-                // act8 weights are GGUF Q4_1 or Q8_0 blocks as they are.
+                // act8 weights are GGUF Q4_1 or Q8_0 blocks in panels: the strip's rows
+                // go back to row-major blocks (20 or 34 bytes per 32 weights, against the
+                // 128 of f32 written) and through the GGUF strips.
                 #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx512, Weight::A8(w)) => {
-                    let b = &w.blocks[n0 * rb..(n0 + rows) * rb];
-                    match w.format {
-                        A8Format::Q4_1 => x86::dequant_avx512(&x86::Q41Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr()),
-                        A8Format::Q8_0 => x86::dequant_avx512(&x86::Q80Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr()),
+                (Kernel::Avx512 | Kernel::Avx2, Weight::A8(w)) => A8_ROWS.with(|b| {
+                    let mut b = b.borrow_mut();
+                    w.blocks_of(n0, rows, &mut b);
+                    let (b, o) = (b.as_ptr(), out.as_mut_ptr());
+                    match (self, w.format) {
+                        (Kernel::Avx512, A8Format::Q4_1) => x86::dequant_avx512(&x86::Q41Strip { b, row_bytes: rb }, rows, k, o),
+                        (Kernel::Avx512, A8Format::Q8_0) => x86::dequant_avx512(&x86::Q80Strip { b, row_bytes: rb }, rows, k, o),
+                        (_, A8Format::Q4_1) => x86::dequant_avx2(&x86::Q41Strip { b, row_bytes: rb }, rows, k, o),
+                        (_, A8Format::Q8_0) => x86::dequant_avx2(&x86::Q80Strip { b, row_bytes: rb }, rows, k, o),
                     }
-                }
-                #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx2, Weight::A8(w)) => {
-                    let b = &w.blocks[n0 * rb..(n0 + rows) * rb];
-                    match w.format {
-                        A8Format::Q4_1 => x86::dequant_avx2(&x86::Q41Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr()),
-                        A8Format::Q8_0 => x86::dequant_avx2(&x86::Q80Strip { b: b.as_ptr(), row_bytes: rb }, rows, k, out.as_mut_ptr()),
-                    }
-                }
+                }),
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Avx512, Weight::F8(w)) if k.is_multiple_of(32) => {
                     assert!(w.q.len() >= (n0 + rows) * k);
@@ -1170,10 +1170,12 @@ mod tests {
         for src in [&q41, &f32w] {
             let a8 = src.quantized(Quantize::Act8);
             let Weight::A8(w) = &a8.weight else { panic!("act8 of a {} layer is {}", src.weight.format_name(), a8.weight.format_name()) };
+            let mut blocks = Vec::new();
+            w.blocks_of(0, a8.out_features, &mut blocks);
             let plain = Linear::new(
                 match w.format {
-                    A8Format::Q4_1 => Weight::Q4_1(w.blocks.clone()),
-                    A8Format::Q8_0 => Weight::Q8_0(w.blocks.clone()),
+                    A8Format::Q4_1 => Weight::Q4_1(blocks),
+                    A8Format::Q8_0 => Weight::Q8_0(blocks),
                 },
                 a8.out_features,
                 k,

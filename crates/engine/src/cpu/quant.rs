@@ -559,7 +559,7 @@ pub(super) mod x86 {
     /// The activation codes of one group as a signed-by-signed dot product wants them:
     /// AVX2 `(|x|, x)`; VNNI `(x, -128 · Σx per lane)` (see [`dot_ss`]).
     #[inline(always)]
-    pub(in super::super) unsafe fn prep_x<const VNNI: bool>(xv: __m256i) -> (__m256i, __m256i) {
+    unsafe fn prep_x<const VNNI: bool>(xv: __m256i) -> (__m256i, __m256i) {
         if VNNI {
             let bias = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), xv);
             (xv, _mm256_sub_epi32(_mm256_setzero_si256(), bias))
@@ -571,7 +571,7 @@ pub(super) mod x86 {
     /// Signed weight codes as [`dot_ss`] wants them: VNNI flips them to unsigned
     /// (`w ^ 0x80 = w + 128`), AVX2 keeps them.
     #[inline(always)]
-    pub(in super::super) unsafe fn prep_w<const VNNI: bool>(wv: __m256i) -> __m256i {
+    unsafe fn prep_w<const VNNI: bool>(wv: __m256i) -> __m256i {
         if VNNI {
             _mm256_xor_si256(wv, _mm256_set1_epi8(-128))
         } else {
@@ -584,22 +584,11 @@ pub(super) mod x86 {
     /// 2 · 127 · 127), `vpmaddwd` with ones. VNNI: `Σ (w + 128)·x` added onto
     /// `-128 · Σx`.
     #[inline(always)]
-    pub(in super::super) unsafe fn dot_ss<const VNNI: bool>(w: __m256i, (a, b): (__m256i, __m256i)) -> __m256i {
+    unsafe fn dot_ss<const VNNI: bool>(w: __m256i, (a, b): (__m256i, __m256i)) -> __m256i {
         if VNNI {
             _mm256_dpbusd_epi32(b, w, a)
         } else {
             _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(w, b)), _mm256_set1_epi16(1))
-        }
-    }
-
-    /// Exact `Σ u·x` of each lane's four unsigned weight codes (at most 127, so AVX2's
-    /// `vpmaddubsw` pairs stay within i16) and signed activation codes.
-    #[inline(always)]
-    pub(in super::super) unsafe fn dot_us<const VNNI: bool>(u: __m256i, x: __m256i) -> __m256i {
-        if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
         }
     }
 
