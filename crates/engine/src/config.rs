@@ -29,6 +29,8 @@ pub struct EngineConfig {
     pub quantize: Quantize,
     /// Element type of the KV cache (`--kv-cache-dtype`).
     pub kv_cache_dtype: KvDtype,
+    /// How `--quantize act8` multiplies prompt tokens (`--act8-prompts`).
+    pub act8_prompts: PromptActs,
     /// Where the forward runs (`--device`).
     pub device: Device,
     /// Compiled CUDA kernels are cached here (by source hash and architecture); `None`
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             max_loras: 8,
             quantize: Quantize::None,
             kv_cache_dtype: KvDtype::F32,
+            act8_prompts: PromptActs::Int8,
             device: Device::Cpu,
             kernel_cache_dir: None,
             observer: None,
@@ -73,6 +76,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("max_loras", &self.max_loras)
             .field("quantize", &self.quantize)
             .field("kv_cache_dtype", &self.kv_cache_dtype)
+            .field("act8_prompts", &self.act8_prompts)
             .field("device", &self.device)
             .finish()
     }
@@ -146,6 +150,37 @@ impl std::str::FromStr for KvDtype {
             "f32" | "float32" => Ok(KvDtype::F32),
             "f16" | "float16" | "half" => Ok(KvDtype::F16),
             _ => Err(format!("unknown KV cache dtype {s:?} (expected f32 or f16)")),
+        }
+    }
+}
+
+/// The activations of prompt tokens under `--quantize act8` (generated tokens are INT8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptActs {
+    /// INT8 like generated tokens, as llama.cpp (the faster: one integer GEMM per step).
+    #[default]
+    Int8,
+    /// f32, multiplied with the same blocks by the exact kernels: a prompt's prefill is
+    /// then the `none` path's, and a step with prompt and generated rows splits them.
+    F32,
+}
+
+impl PromptActs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromptActs::Int8 => "int8",
+            PromptActs::F32 => "f32",
+        }
+    }
+}
+
+impl std::str::FromStr for PromptActs {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "int8" => Ok(PromptActs::Int8),
+            "f32" | "float32" => Ok(PromptActs::F32),
+            _ => Err(format!("unknown act8 prompt activations {s:?} (expected int8 or f32)")),
         }
     }
 }

@@ -150,6 +150,7 @@ impl Engine {
             queued,
             observer: cfg.observer.clone(),
             max_model_len,
+            f32_prompts: cfg.act8_prompts == crate::config::PromptActs::F32,
         };
         std::thread::Builder::new()
             .name("tessera-engine".into())
@@ -283,6 +284,8 @@ struct EngineLoop {
     queued: Arc<AtomicUsize>,
     observer: Option<Arc<dyn crate::handle::StepObserver>>,
     max_model_len: usize,
+    /// `--act8-prompts f32`: prompt positions are marked for f32 activations.
+    f32_prompts: bool,
 }
 
 impl EngineLoop {
@@ -440,7 +443,7 @@ impl EngineLoop {
             for p in s.start..s.start + s.len {
                 token_ids.push(st.tokens[p]);
                 positions.push(p);
-                f32_rows.push(p < st.prompt_len);
+                f32_rows.push(self.f32_prompts && p < st.prompt_len);
                 slots.push(table[p / bs] as usize * bs + p % bs);
                 if windowed {
                     window_slots.push(wtable[p / bs] as usize * bs + p % bs);

@@ -25,7 +25,7 @@ pub mod stop;
 pub mod threadpool;
 pub mod tokenizer;
 
-pub use config::{Device, EngineConfig, KvDtype, Quantize};
+pub use config::{Device, EngineConfig, KvDtype, PromptActs, Quantize};
 pub use engine::Engine;
 pub use error::{EngineError, Result};
 pub use handle::{EngineHandle, EngineStats, ModelInfo, RequestId, RequestStream, StepObserver, StepStats};

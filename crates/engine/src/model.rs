@@ -274,8 +274,9 @@ pub struct BatchInput<'a> {
     /// LoRA adapters of this step and the rows each applies to.
     pub lora: Vec<AdapterRows<'a>>,
     /// Rows whose linear layers multiply f32 activations even under `--quantize act8`:
-    /// the engine marks prompt tokens (positions before the request's prompt length, so a
-    /// recomputed generated token stays on the INT8 path). Empty: none. Under other
+    /// with `--act8-prompts f32` the engine marks prompt tokens (positions before the
+    /// request's prompt length, so a recomputed generated token stays on the INT8 path).
+    /// Empty: none. Under other
     /// choices it changes nothing.
     pub f32_rows: &'a [bool],
 }

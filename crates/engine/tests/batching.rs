@@ -35,11 +35,15 @@ fn concurrent_greedy_requests_equal_their_solo_runs() {
     concurrent_equals_solo(default_cfg());
 }
 
-/// Under act8 a step mixes rows of two arithmetics (prompt tokens with f32 activations,
-/// generated ones with INT8): solo runs have steps of one kind, concurrent runs mix them.
+/// Under act8 (INT8 activations, every row through the panel kernels, whose row tiles
+/// take the rows of a batch eight, four, two or one at a time) and with
+/// `--act8-prompts f32`, where a step mixes rows of two arithmetics (prompt tokens with
+/// f32 activations, generated ones with INT8): solo runs have steps of one kind,
+/// concurrent runs mix them.
 #[test]
 fn concurrent_greedy_requests_equal_their_solo_runs_under_act8() {
     concurrent_equals_solo(EngineConfig { quantize: engine::Quantize::Act8, ..default_cfg() });
+    concurrent_equals_solo(EngineConfig { quantize: engine::Quantize::Act8, act8_prompts: engine::PromptActs::F32, ..default_cfg() });
 }
 
 fn concurrent_equals_solo(cfg: EngineConfig) {
@@ -97,9 +101,9 @@ fn block_sizes_1_16_64_and_forced_preemption_give_the_same_tokens() {
     let (tight, preemptions) = gen(EngineConfig { block_size: 16, kv_cache_bytes: per_token * 400, ..default_cfg() });
     assert!(preemptions > 0, "the small cache was expected to force preemption");
     assert_eq!(tight, reference, "preemption changed the tokens");
-    // act8: a preempted request recomputes its generated tokens as a prefill; they stay
-    // on the INT8 path (only prompt positions take f32 activations).
-    let act8 = EngineConfig { quantize: engine::Quantize::Act8, block_size: 16, ..default_cfg() };
+    // act8 with f32 prompts: a preempted request recomputes its generated tokens as a
+    // prefill; they stay on the INT8 path (only prompt positions take f32 activations).
+    let act8 = EngineConfig { quantize: engine::Quantize::Act8, act8_prompts: engine::PromptActs::F32, block_size: 16, ..default_cfg() };
     let (reference, _) = gen(act8.clone());
     let (tight, preemptions) = gen(EngineConfig { kv_cache_bytes: per_token * 400, ..act8 });
     assert!(preemptions > 0, "the small cache was expected to force preemption");

@@ -30,6 +30,9 @@ pub struct OfflineEngineArgs {
     /// KV cache element type: f32 or f16 (as for `serve`).
     #[arg(long, env = "TESSERA_KV_CACHE_DTYPE", default_value = "f32")]
     pub kv_cache_dtype: engine::KvDtype,
+    /// Under act8, prompt tokens' activations: int8 or f32 (as for `serve`).
+    #[arg(long, env = "TESSERA_ACT8_PROMPTS", default_value = "int8")]
+    pub act8_prompts: engine::PromptActs,
     /// Where the model runs: cpu, cuda or auto (as for `serve`).
     #[arg(long, env = "TESSERA_DEVICE", default_value = "auto")]
     pub device: engine::Device,
@@ -53,6 +56,7 @@ impl OfflineEngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens.max(1),
             quantize: self.quantize,
             kv_cache_dtype: self.kv_cache_dtype,
+            act8_prompts: self.act8_prompts,
             device: self.device,
             ..EngineConfig::default()
         };
@@ -183,6 +187,7 @@ pub fn bench(args: BenchArgs) -> Result<(), ConfigError> {
             "threads": args.engine.threads,
             "quantize": args.engine.quantize.as_str(),
             "kv_cache_dtype": args.engine.kv_cache_dtype.as_str(),
+            "act8_prompts": args.engine.act8_prompts.as_str(),
             "device": args.engine.device.as_str(),
             "prompt_tokens": p,
             "decode_tokens": args.decode_tokens,

@@ -82,9 +82,14 @@ pub struct ServeArgs {
     /// Convert the linear layers' weights at load: none (keep the checkpoint's format),
     /// int8 (per-channel INT8 weights, per-token INT8 activations), fp8 (E4M3 weights
     /// with per-channel scales) or act8 (Q4_1 blocks kept, other formats to Q8_0 blocks;
-    /// generated tokens with INT8 activations as llama.cpp, prompt tokens with f32).
+    /// INT8 activations as llama.cpp).
     #[arg(long, env = "TESSERA_QUANTIZE", default_value = "none")]
     pub quantize: engine::Quantize,
+    /// Under act8, prompt tokens' activations: int8 (as generated tokens; the fastest
+    /// prefill) or f32 (the exact kernels on the same blocks: a prompt's prefill is the
+    /// unquantized one, at about two thirds of the speed).
+    #[arg(long, env = "TESSERA_ACT8_PROMPTS", default_value = "int8")]
+    pub act8_prompts: engine::PromptActs,
     /// What the KV cache stores: f32 (exact attention) or f16 (half the cache bytes read
     /// per decode row and stored per token, as llama.cpp's default). The CUDA backend
     /// keeps f32.
@@ -188,6 +193,7 @@ impl ServeArgs {
             max_loras: self.max_loras,
             quantize: self.quantize,
             kv_cache_dtype: self.kv_cache_dtype,
+            act8_prompts: self.act8_prompts,
             device: self.device,
             kernel_cache_dir: self.kernel_cache_dir.clone(),
             observer: None,
@@ -477,6 +483,18 @@ mod tests {
         assert_eq!(cfg.listen, "127.0.0.1:8000");
         assert_eq!(cfg.server.max_body_bytes, 4 << 20);
         assert_eq!(cfg.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.engine.act8_prompts, engine::PromptActs::Int8);
+    }
+
+    #[test]
+    fn act8_prompt_activations_parse() {
+        let cfg = args(&["--quantize", "act8", "--act8-prompts", "f32"])
+            .unwrap()
+            .into_config(PathBuf::from("m.gguf"))
+            .unwrap();
+        assert_eq!((cfg.engine.quantize, cfg.engine.act8_prompts), (engine::Quantize::Act8, engine::PromptActs::F32));
+        let e = args(&["--act8-prompts", "int4"]).unwrap_err().to_string();
+        assert!(e.contains("--act8-prompts") && e.contains("int8 or f32"), "{e}");
     }
 
     #[test]
