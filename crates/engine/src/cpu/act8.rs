@@ -784,6 +784,44 @@ mod tests {
         }
     }
 
+    /// The largest dot products the formats allow (every Q4_1 nibble 15, every Q8_0 code
+    /// ±127, activations all at +127 or -127 after quantization, or alternating): every
+    /// path equals the reference, so AVX2's i16 sums of nibble products (at most 30480 per
+    /// lane over a group) and the sign trick of its Q8_0 products do not saturate.
+    #[test]
+    fn extreme_codes_do_not_saturate() {
+        let pool = ThreadPool::new(2);
+        let (m, k, n) = (4, 64, 40);
+        let one = f16::from_f32(0.5).to_le_bytes();
+        let q41: Vec<u8> = (0..n * k / 32).flat_map(|_| one.into_iter().chain(one).chain([0xffu8; 16])).collect();
+        let q80: Vec<u8> = (0..n * k / 32).flat_map(|b| one.into_iter().chain(std::iter::repeat_n(if b % 2 == 0 { 127u8 } else { (-127i8) as u8 }, 32))).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| match i / k {
+            0 => 1.0,
+            1 => -1.0,
+            2 => if i % 2 == 0 { 1.0 } else { -1.0 },
+            _ => if (i / 4) % 2 == 0 { 1.0 } else { -1.0 },
+        }).collect();
+        let mut acts = QuantActs::new();
+        acts.quantize(&x, k, k);
+        assert!(acts.xq[..k].iter().all(|&c| c == 127) && acts.xq[k..2 * k].iter().all(|&c| c == -127));
+        let mut sums = GroupSums::new();
+        group_sums(&acts, &mut sums);
+        for (format, blocks) in [(A8Format::Q4_1, q41), (A8Format::Q8_0, q80)] {
+            let w = A8Weight::from_blocks(format, &blocks, n, k);
+            let want: Vec<f32> = (0..m * n).map(|at| reference(format, &blocks, k, &acts, &sums, at / n, at % n)).collect();
+            if format == A8Format::Q4_1 {
+                // Per group 32 codes of 15 by 127 times s_x · d = 0.5 / 127, plus m = 0.5
+                // times s_x · Σx = 32: 256 per group.
+                assert!((want[0] - 512.0).abs() < 1e-3, "{}", want[0]);
+            }
+            for kern in I8Kernel::available() {
+                let mut y = vec![f32::NAN; m * n];
+                gemm_a8(kern, &pool, &acts, &sums, &w, n, &mut y);
+                assert_eq!(y, want, "{kern:?} {format:?}");
+            }
+        }
+    }
+
     /// Panels hold the blocks as they were: back to row-major blocks bit for bit, for
     /// row ranges that start and end inside panels; the padding columns are zero.
     #[test]
