@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::chat::ChatTemplate;
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, Quantize};
 use crate::detok::IncrementalDecoder;
 use crate::handle::{Command, EngineHandle, EngineStats, ModelInfo, RequestId, Shared, StepStats};
 use crate::kv_cache::{KvCache, KvDtype, KvLayout};
@@ -164,6 +164,8 @@ impl Engine {
             kv_cache_tokens = info.kv_cache_tokens,
             kv_bytes_per_token = per_token,
             kv_cache_dtype = kv_dtype.as_str(),
+            quantize = cfg.quantize.as_str(),
+            act8_prompts = (cfg.quantize == Quantize::Act8).then(|| cfg.act8_prompts.as_str()),
             threads = cfg.threads,
             "engine started"
         );
