@@ -80,6 +80,19 @@ impl A8Format {
             A8Format::Q8_0 => 8,
         }
     }
+
+    /// Where the bytes of column `c`'s GGUF block sit in its panel group, as (offset in
+    /// the block, offset in the group, length): `d`, `m` (Q4_1), then each code word. The
+    /// one definition of the layout that [`A8Weight::from_blocks`] and
+    /// [`A8Weight::blocks_of`] copy along, one way and back.
+    fn block_pieces(self, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        let scales = if self == A8Format::Q4_1 { 2 } else { 1 };
+        let (head, codes) = (self.block_head(), self.head_bytes());
+        [(0, 2 * c, 2), (2, 32 + 2 * c, 2)]
+            .into_iter()
+            .take(scales)
+            .chain((0..self.code_words()).map(move |q| (head + 4 * q, codes + 64 * q + 4 * c, 4)))
+    }
 }
 
 /// Weights `[N, K]` in a block format, for INT8 activations, in panels (see the module
@@ -110,7 +123,7 @@ impl A8Weight {
     /// Panels of `n` rows of GGUF blocks of `format` (row-major, `k / 32` blocks a row).
     pub fn from_blocks(format: A8Format, blocks: &[u8], n: usize, k: usize) -> A8Weight {
         assert!(k.is_multiple_of(I8_ALIGN), "act8 rows are whole blocks");
-        let (bb, groups, words, head) = (format.block_bytes(), k / 32, format.code_words(), format.block_head());
+        let (bb, groups) = (format.block_bytes(), k / 32);
         let rb = groups * bb;
         assert_eq!(blocks.len(), n * rb, "{n} rows of {k} as {format:?} blocks");
         let mut panels = vec![0u8; n.div_ceil(PANEL) * groups * format.group_bytes()];
@@ -118,13 +131,8 @@ impl A8Weight {
             let (p, g) = (pg / groups, pg % groups);
             for c in 0..PANEL.min(n - p * PANEL) {
                 let blk = &blocks[(p * PANEL + c) * rb + g * bb..][..bb];
-                dst[2 * c..2 * c + 2].copy_from_slice(&blk[..2]);
-                if format == A8Format::Q4_1 {
-                    dst[32 + 2 * c..34 + 2 * c].copy_from_slice(&blk[2..4]);
-                }
-                for q in 0..words {
-                    let at = format.head_bytes() + 64 * q + 4 * c;
-                    dst[at..at + 4].copy_from_slice(&blk[head + 4 * q..head + 4 * q + 4]);
+                for (b, at, len) in format.block_pieces(c) {
+                    dst[at..at + len].copy_from_slice(&blk[b..b + len]);
                 }
             }
         }
@@ -135,7 +143,7 @@ impl A8Weight {
     /// [`A8Weight::from_blocks`].
     pub fn blocks_of(&self, n0: usize, rows: usize, out: &mut Vec<u8>) {
         let f = self.format;
-        let (bb, groups, words, head) = (f.block_bytes(), self.k / 32, f.code_words(), f.block_head());
+        let (bb, groups) = (f.block_bytes(), self.k / 32);
         assert!(n0 + rows <= self.n);
         out.clear();
         out.resize(rows * groups * bb, 0);
@@ -143,13 +151,8 @@ impl A8Weight {
             let (p, c) = ((n0 + r) / PANEL, (n0 + r) % PANEL);
             for (g, blk) in row.chunks_exact_mut(bb).enumerate() {
                 let src = &self.panels[(p * groups + g) * f.group_bytes()..][..f.group_bytes()];
-                blk[..2].copy_from_slice(&src[2 * c..2 * c + 2]);
-                if f == A8Format::Q4_1 {
-                    blk[2..4].copy_from_slice(&src[32 + 2 * c..34 + 2 * c]);
-                }
-                for q in 0..words {
-                    let at = f.head_bytes() + 64 * q + 4 * c;
-                    blk[head + 4 * q..head + 4 * q + 4].copy_from_slice(&src[at..at + 4]);
+                for (b, at, len) in f.block_pieces(c) {
+                    blk[b..b + len].copy_from_slice(&src[at..at + len]);
                 }
             }
         }
