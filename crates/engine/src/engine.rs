@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::chat::ChatTemplate;
-use crate::config::{EngineConfig, Quantize};
+use crate::config::{EngineConfig, PromptActs, Quantize};
 use crate::detok::IncrementalDecoder;
 use crate::handle::{Command, EngineHandle, EngineStats, ModelInfo, RequestId, Shared, StepStats};
 use crate::kv_cache::{KvCache, KvDtype, KvLayout};
@@ -150,7 +150,7 @@ impl Engine {
             queued,
             observer: cfg.observer.clone(),
             max_model_len,
-            f32_prompts: cfg.act8_prompts == crate::config::PromptActs::F32,
+            f32_prompts: cfg.act8_prompts == PromptActs::F32,
         };
         std::thread::Builder::new()
             .name("tessera-engine".into())
