@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use engine::cpu::act8::{quantize_q8_0, A8Format, A8Weight};
 use engine::cpu::matmul::{matmul, Linear, Weight};
-use engine::cpu::quant::{F8Weight, I8Weight};
+use engine::cpu::quant::F8Weight;
 use engine::threadpool::ThreadPool;
 use rand::{Rng, SeedableRng};
 
@@ -36,7 +36,7 @@ fn weights(n: usize, k: usize, rng: &mut rand::rngs::StdRng) -> Vec<(&'static st
         ("q4_1", Linear::new(Weight::Q4_1(q41.clone()), n, k).unwrap()),
         ("act8_q4_1", Linear::new(Weight::A8(A8Weight::from_blocks(A8Format::Q4_1, &q41, n, k)), n, k).unwrap()),
         ("act8_q8_0", Linear::new(Weight::A8(A8Weight::from_blocks(A8Format::Q8_0, &quantize_q8_0(&dense), n, k)), n, k).unwrap()),
-        ("int8", Linear::new(Weight::I8(I8Weight::quantize(&dense, n, k)), n, k).unwrap()),
+        ("int8", Linear::new(Weight::A8(A8Weight::int8(&dense, n, k)), n, k).unwrap()),
         ("fp8", Linear::new(Weight::F8(F8Weight::quantize(&dense, n, k)), n, k).unwrap()),
     ]
 }

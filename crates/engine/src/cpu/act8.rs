@@ -14,6 +14,10 @@
 //!             + Σ_outliers x · w[j, col]
 //! ```
 //!
+//! `--quantize int8` uses the same panels and kernels as the format [`A8Format::I8`]:
+//! per-channel INT8 codes with no per-group scale, so a group adds `dot · s_x` (one FMA)
+//! and the column's f32 scale multiplies the sum at the end (`y = s_w · Σ_g ...`).
+//!
 //! Each group's integer dot product is exact (whole, over its 32 codes); per group, in
 //! order, one FMA adds it times `s_x · d` to the output's f32 sum and (Q4_1) a second FMA
 //! adds `m` times the group sum, on every instruction-set path, so the paths agree bitwise.
@@ -30,7 +34,7 @@ use std::cell::RefCell;
 use half::f16;
 
 use super::matmul::Weight;
-use super::quant::{I8Kernel, QuantActs, I8_ALIGN};
+use super::quant::{quantize_row, I8Kernel, QuantActs, I8_ALIGN};
 use crate::threadpool::ThreadPool;
 
 /// Output columns per panel (one 512-bit register of i32 or f32 lanes).
@@ -43,6 +47,10 @@ pub enum A8Format {
     Q4_1,
     /// GGUF `{d: f16, qs: [i8; 32]}`.
     Q8_0,
+    /// `--quantize int8`: symmetric INT8 per output channel, a "block" being 32 codes
+    /// (`qs: [i8; 32]`, no scale); each column's one f32 scale is kept beside the panels
+    /// ([`A8Weight::scales`]) and multiplies its sum once, at the end.
+    I8,
 }
 
 impl A8Format {
@@ -51,6 +59,7 @@ impl A8Format {
         match self {
             A8Format::Q4_1 => 20,
             A8Format::Q8_0 => 34,
+            A8Format::I8 => 32,
         }
     }
 
@@ -59,6 +68,7 @@ impl A8Format {
         match self {
             A8Format::Q4_1 => 64,
             A8Format::Q8_0 => 32,
+            A8Format::I8 => 0,
         }
     }
 
@@ -77,7 +87,7 @@ impl A8Format {
     const fn code_words(self) -> usize {
         match self {
             A8Format::Q4_1 => 4,
-            A8Format::Q8_0 => 8,
+            A8Format::Q8_0 | A8Format::I8 => 8,
         }
     }
 
@@ -86,7 +96,11 @@ impl A8Format {
     /// one definition of the layout that [`A8Weight::from_blocks`] and
     /// [`A8Weight::blocks_of`] copy along, one way and back.
     fn block_pieces(self, c: usize) -> impl Iterator<Item = (usize, usize, usize)> {
-        let scales = if self == A8Format::Q4_1 { 2 } else { 1 };
+        let scales = match self {
+            A8Format::Q4_1 => 2,
+            A8Format::Q8_0 => 1,
+            A8Format::I8 => 0,
+        };
         let (head, codes) = (self.block_head(), self.head_bytes());
         [(0, 2 * c, 2), (2, 32 + 2 * c, 2)]
             .into_iter()
@@ -96,13 +110,17 @@ impl A8Format {
 }
 
 /// Weights `[N, K]` in a block format, for INT8 activations, in panels (see the module
-/// doc). K is a multiple of 32; the last panel is padded with zero columns.
+/// doc). K is a multiple of 32 (`I8` rows are padded to one with zero codes); the last
+/// panel is padded with zero columns.
 #[derive(Debug, Clone)]
 pub struct A8Weight {
     pub format: A8Format,
     pub n: usize,
     pub k: usize,
     pub panels: Vec<u8>,
+    /// `I8`: one scale per column, `n` rounded up to [`PANEL`] (the padding 0); empty for
+    /// the GGUF formats, whose scales sit in the panels.
+    pub scales: Vec<f32>,
 }
 
 impl A8Weight {
@@ -120,7 +138,29 @@ impl A8Weight {
         Some(A8Weight::from_blocks(A8Format::Q8_0, &quantize_q8_0(&dense), n, k))
     }
 
-    /// Panels of `n` rows of GGUF blocks of `format` (row-major, `k / 32` blocks a row).
+    /// `w[n, k]` (row-major f32) as symmetric INT8 per output channel (`--quantize int8`):
+    /// each row's codes and scale from [`quantize_row`], rows padded to a multiple of 32.
+    pub fn int8(w: &[f32], n: usize, k: usize) -> A8Weight {
+        assert_eq!(w.len(), n * k);
+        let kp = k.next_multiple_of(I8_ALIGN);
+        let mut codes = vec![0i8; n * kp];
+        let scales: Vec<f32> = w.chunks_exact(k).zip(codes.chunks_exact_mut(kp)).map(|(row, q)| quantize_row(row, &mut q[..k])).collect();
+        A8Weight::from_codes(&codes, &scales, n, kp)
+    }
+
+    /// Panels of `n` rows of `kp` INT8 codes (a multiple of 32) with a scale per row.
+    pub fn from_codes(codes: &[i8], scales: &[f32], n: usize, kp: usize) -> A8Weight {
+        assert_eq!(scales.len(), n);
+        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
+        let bytes = unsafe { std::slice::from_raw_parts(codes.as_ptr() as *const u8, codes.len()) };
+        let mut w = A8Weight::from_blocks(A8Format::I8, bytes, n, kp);
+        w.scales = scales.to_vec();
+        w.scales.resize(n.next_multiple_of(PANEL), 0.0);
+        w
+    }
+
+    /// Panels of `n` rows of GGUF blocks of `format` (row-major, `k / 32` blocks a row;
+    /// `I8`: codes, with the scales still to set).
     pub fn from_blocks(format: A8Format, blocks: &[u8], n: usize, k: usize) -> A8Weight {
         assert!(k.is_multiple_of(I8_ALIGN), "act8 rows are whole blocks");
         let (bb, groups) = (format.block_bytes(), k / 32);
@@ -136,7 +176,7 @@ impl A8Weight {
                 }
             }
         }
-        A8Weight { format, n, k, panels }
+        A8Weight { format, n, k, panels, scales: Vec::new() }
     }
 
     /// Rows `n0 .. n0 + rows` as GGUF blocks (row-major) into `out`: the inverse of
@@ -158,27 +198,46 @@ impl A8Weight {
         }
     }
 
-    /// Bytes of one row as GGUF blocks (what a decode step reads per output column).
-    pub fn row_bytes(&self, k: usize) -> usize {
-        k / I8_ALIGN * self.format.block_bytes()
+    /// Bytes of one row as GGUF blocks (what a decode step reads per output column);
+    /// `I8`: its padded codes and its scale.
+    pub fn row_bytes(&self) -> usize {
+        match self.format {
+            A8Format::I8 => self.k + 4,
+            f => self.k / I8_ALIGN * f.block_bytes(),
+        }
+    }
+
+    /// Bytes held: the panels (with their padding) and the `I8` scales.
+    pub fn storage_bytes(&self) -> usize {
+        self.panels.len() + 4 * self.scales.len()
     }
 
     /// Element `col` of row `j`, as f32 (what an outlier activation multiplies).
     #[cfg(test)]
     fn at(&self, j: usize, col: usize) -> f32 {
-        let strip = A8Strip { w: self.panels.as_ptr(), format: self.format, groups: self.k / 32, ..A8Strip::EMPTY };
+        let strip = A8Strip { w: self.panels.as_ptr(), scales: self.scales.as_ptr(), format: self.format, groups: self.k / 32, ..A8Strip::EMPTY };
         assert!(j < self.n && col < self.k);
         // SAFETY: (j, col) is inside the panels.
         unsafe { strip.value(j, col, |p| f16_at(p)) }
     }
 
-    /// Rows `n0 .. n0 + out.len() / k` as f32 (as the GGUF blocks dequantize).
+    /// Rows `n0 .. n0 + out.len() / k` as f32 (as the GGUF blocks dequantize; `I8`:
+    /// `s · q`, the first `k` of each row's padded codes).
     pub fn dequant_rows(&self, n0: usize, k: usize, out: &mut [f32]) {
         let mut blocks = Vec::new();
         self.blocks_of(n0, out.len() / k, &mut blocks);
         let rows = match self.format {
             A8Format::Q4_1 => Weight::Q4_1(blocks),
             A8Format::Q8_0 => Weight::Q8_0(blocks),
+            A8Format::I8 => {
+                for (r, (o, codes)) in out.chunks_exact_mut(k).zip(blocks.chunks_exact(self.k)).enumerate() {
+                    let s = self.scales[n0 + r];
+                    for (v, &c) in o.iter_mut().zip(codes) {
+                        *v = s * c as i8 as f32;
+                    }
+                }
+                return;
+            }
         };
         rows.dequant_rows(0, k, out)
     }
@@ -218,14 +277,15 @@ thread_local! {
 
 /// `y[m, N] = x[m, K] · Wᵀ` with W in blocks and x quantized per token and group.
 pub fn matmul_a8(kern: I8Kernel, pool: &ThreadPool, x: &[f32], k: usize, w: &A8Weight, n: usize, y: &mut [f32]) {
-    with_acts(pool, x, k, |acts, sums| gemm_a8(kern, pool, acts, sums, w, n, y))
+    with_acts(pool, x, k, w.k, |acts, sums| gemm_a8(kern, pool, acts, sums, w, n, y))
 }
 
-/// `f` on `x[m, k]` quantized (on `pool`), with its [`group_sums`] (per-thread buffers).
-pub fn with_acts<R>(pool: &ThreadPool, x: &[f32], k: usize, f: impl FnOnce(&QuantActs, &GroupSums) -> R) -> R {
+/// `f` on `x[m, k]` quantized (on `pool`) for weights of `kp` columns (K or, for `I8`, K
+/// padded to 32), with its [`group_sums`] (per-thread buffers).
+pub fn with_acts<R>(pool: &ThreadPool, x: &[f32], k: usize, kp: usize, f: impl FnOnce(&QuantActs, &GroupSums) -> R) -> R {
     ACTS.with(|a| {
         let (acts, sums) = &mut *a.borrow_mut();
-        acts.quantize_on(pool, x, k, k);
+        acts.quantize_on(pool, x, k, kp);
         group_sums(acts, sums);
         f(acts, sums)
     })
@@ -261,6 +321,7 @@ pub(crate) unsafe fn gemm_a8_cols(kern: I8Kernel, (a, sums): (&QuantActs, &Group
     assert!(w.n == n && w.k == a.kp && n0 + cols <= n && sums.codes.len() == a.m * (a.kp / 32));
     let strip = A8Strip {
         w: w.panels.as_ptr(),
+        scales: w.scales.as_ptr(),
         format: w.format,
         groups: a.kp / 32,
         xq0: a.xq.as_ptr(),
@@ -272,15 +333,21 @@ pub(crate) unsafe fn gemm_a8_cols(kern: I8Kernel, (a, sums): (&QuantActs, &Group
     // The strip reads panels n0 / 16 ..= (n0 + cols - 1) / 16 (inside `w.panels`) and
     // m rows of activations; the kernels write only columns n0 .. n0 + cols.
     let yt = y.add(n0);
+    #[cfg(target_arch = "x86_64")]
+    use x86::{F_I8, F_Q41, F_Q80};
     match (kern, w.format) {
         #[cfg(target_arch = "x86_64")]
-        (I8Kernel::Vnni, A8Format::Q4_1) => x86::gemm_vnni::<true>(&strip, a.m, n0, cols, yt, n),
+        (I8Kernel::Vnni, A8Format::Q4_1) => x86::gemm_vnni::<F_Q41>(&strip, a.m, n0, cols, yt, n),
         #[cfg(target_arch = "x86_64")]
-        (I8Kernel::Vnni, A8Format::Q8_0) => x86::gemm_vnni::<false>(&strip, a.m, n0, cols, yt, n),
+        (I8Kernel::Vnni, A8Format::Q8_0) => x86::gemm_vnni::<F_Q80>(&strip, a.m, n0, cols, yt, n),
         #[cfg(target_arch = "x86_64")]
-        (I8Kernel::Avx2, A8Format::Q4_1) => x86::gemm_avx2::<true>(&strip, a.m, n0, cols, yt, n),
+        (I8Kernel::Vnni, A8Format::I8) => x86::gemm_vnni::<F_I8>(&strip, a.m, n0, cols, yt, n),
         #[cfg(target_arch = "x86_64")]
-        (I8Kernel::Avx2, A8Format::Q8_0) => x86::gemm_avx2::<false>(&strip, a.m, n0, cols, yt, n),
+        (I8Kernel::Avx2, A8Format::Q4_1) => x86::gemm_avx2::<F_Q41>(&strip, a.m, n0, cols, yt, n),
+        #[cfg(target_arch = "x86_64")]
+        (I8Kernel::Avx2, A8Format::Q8_0) => x86::gemm_avx2::<F_Q80>(&strip, a.m, n0, cols, yt, n),
+        #[cfg(target_arch = "x86_64")]
+        (I8Kernel::Avx2, A8Format::I8) => x86::gemm_avx2::<F_I8>(&strip, a.m, n0, cols, yt, n),
         (I8Kernel::Portable, _) => portable::gemm(&strip, a.m, n0, cols, yt, n),
     }
     let out = Outliers { a, w: &strip, c0: n0, cols, y: yt, ldy: n };
@@ -322,10 +389,12 @@ impl Outliers<'_> {
     }
 }
 
-/// What a kernel reads: the panels of a weight and the activations (`m` rows of `kp`
-/// codes, and per row and group the scale `sx` and the [`GroupSums`] `xs` and `xi`).
+/// What a kernel reads: the panels of a weight (and its `I8` column scales) and the
+/// activations (`m` rows of `kp` codes, and per row and group the scale `sx` and the
+/// [`GroupSums`] `xs` and `xi`).
 pub struct A8Strip {
     pub w: *const u8,
+    pub scales: *const f32,
     pub format: A8Format,
     pub groups: usize,
     pub xq0: *const i8,
@@ -339,6 +408,7 @@ impl A8Strip {
     #[cfg(test)]
     const EMPTY: A8Strip = A8Strip {
         w: std::ptr::null(),
+        scales: std::ptr::null(),
         format: A8Format::Q8_0,
         groups: 0,
         xq0: std::ptr::null(),
@@ -364,12 +434,13 @@ impl A8Strip {
                 let b = *codes.add(64 * (e % 16 / 4) + 4 * c + e % 4);
                 (if e < 16 { b & 0x0f } else { b >> 4 }) as i32
             }
-            A8Format::Q8_0 => *codes.add(64 * (e / 4) + 4 * c + e % 4) as i8 as i32,
+            A8Format::Q8_0 | A8Format::I8 => *codes.add(64 * (e / 4) + 4 * c + e % 4) as i8 as i32,
         }
     }
 
-    /// Weight `col` of output column `j` as f32: `d·q + m` (a multiply, then an add) or
-    /// `d·q`; `half` widens an f16 (every way is exact, so the paths agree bitwise).
+    /// Weight `col` of output column `j` as f32: `d·q + m` (a multiply, then an add),
+    /// `d·q`, or `s·q` with the column's scale; `half` widens an f16 (every way is exact,
+    /// so the paths agree bitwise).
     #[inline(always)]
     unsafe fn value(&self, j: usize, col: usize, half: impl Fn(*const u8) -> f32) -> f32 {
         let (c, grp) = (j % PANEL, self.group(j / PANEL, col / 32));
@@ -377,6 +448,7 @@ impl A8Strip {
         match self.format {
             A8Format::Q4_1 => half(grp.add(2 * c)) * q + half(grp.add(32 + 2 * c)),
             A8Format::Q8_0 => half(grp.add(2 * c)) * q,
+            A8Format::I8 => *self.scales.add(j) * q,
         }
     }
 }
@@ -404,10 +476,17 @@ mod portable {
                         dot += s.code(grp, c, e) * *x.add(g * 32 + e) as i32;
                     }
                     let at = i * s.groups + g;
-                    acc = (dot as f32).mul_add(*s.sx.add(at) * f16_at(grp.add(2 * c)), acc);
+                    let scale = match s.format {
+                        A8Format::I8 => *s.sx.add(at),
+                        _ => *s.sx.add(at) * f16_at(grp.add(2 * c)),
+                    };
+                    acc = (dot as f32).mul_add(scale, acc);
                     if s.format == A8Format::Q4_1 {
                         acc = f16_at(grp.add(32 + 2 * c)).mul_add(*s.xs.add(at), acc);
                     }
+                }
+                if s.format == A8Format::I8 {
+                    acc *= *s.scales.add(j);
                 }
                 *y.add(i * ldy + j - c0) = acc;
             }
@@ -421,6 +500,20 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{A8Strip, PANEL};
+
+    /// [`super::A8Format`] as the kernels' const parameter.
+    pub const F_Q41: u8 = 0;
+    pub const F_Q80: u8 = 1;
+    pub const F_I8: u8 = 2;
+
+    /// Where a group's codes start: after its 16 `d` (Q8_0), none for I8.
+    const fn signed_codes(f: u8) -> usize {
+        if f == F_I8 {
+            0
+        } else {
+            32
+        }
+    }
 
     /// The panels that hold columns `c0 .. c0 + cols`, each with the mask of its lanes
     /// among them.
@@ -444,19 +537,21 @@ mod x86 {
     }
 
     /// Rows `i0 .. i0 + MR` against panel `p`: per group, the eight quads of the
-    /// panel's codes as unsigned bytes (Q4_1's nibbles; Q8_0's codes flipped to `w + 128`,
-    /// the dot product then starting from `-128 · Σx`, exact), one `vpdpbusd` per quad
-    /// and row in two chains (quads 0..4, 4..8) added, then the two FMAs of the module doc.
+    /// panel's codes as unsigned bytes (Q4_1's nibbles; Q8_0's and I8's codes flipped to
+    /// `w + 128`, the dot product then starting from `-128 · Σx`, exact), one `vpdpbusd`
+    /// per quad and row in two chains (quads 0..4, 4..8) added, then the two FMAs of the
+    /// module doc (I8: one FMA by `s_x`, and the column scales at the end).
     #[inline(always)]
-    unsafe fn panel_vnni<const MR: usize, const Q41: bool>(s: &A8Strip, p: usize, i0: usize) -> [__m512; MR] {
+    unsafe fn panel_vnni<const MR: usize, const F: u8>(s: &A8Strip, p: usize, i0: usize) -> [__m512; MR] {
+        let q41 = F == F_Q41;
         let (low, flip) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(-128));
         let mut acc = [_mm512_setzero_ps(); MR];
         for g in 0..s.groups {
             let grp = s.group(p, g);
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(grp as *const __m256i));
+            let d = if F == F_I8 { _mm512_set1_ps(1.0) } else { _mm512_cvtph_ps(_mm256_loadu_si256(grp as *const __m256i)) };
             let mut w = [_mm512_setzero_si512(); 8];
             let mut mv = _mm512_setzero_ps();
-            if Q41 {
+            if q41 {
                 mv = _mm512_cvtph_ps(_mm256_loadu_si256(grp.add(32) as *const __m256i));
                 for q in 0..4 {
                     let v = _mm512_loadu_si512(grp.add(64 + 64 * q) as *const _);
@@ -465,13 +560,13 @@ mod x86 {
                 }
             } else {
                 for q in 0..8 {
-                    w[q] = _mm512_xor_si512(_mm512_loadu_si512(grp.add(32 + 64 * q) as *const _), flip);
+                    w[q] = _mm512_xor_si512(_mm512_loadu_si512(grp.add(signed_codes(F) + 64 * q) as *const _), flip);
                 }
             }
             for r in 0..MR {
                 let at = (i0 + r) * s.groups + g;
                 let x = s.xq0.add((i0 + r) * s.kp + g * 32);
-                let mut d0 = if Q41 { _mm512_setzero_si512() } else { _mm512_set1_epi32(-128 * *s.xi.add(at)) };
+                let mut d0 = if q41 { _mm512_setzero_si512() } else { _mm512_set1_epi32(-128 * *s.xi.add(at)) };
                 let mut d1 = _mm512_setzero_si512();
                 // w[q] holds codes 4q..4q+4 of every column (Q4_1: word q's low nibbles;
                 // w[q + 4] its high nibbles, codes 16 + 4q..), as Q8_0's words in order.
@@ -480,10 +575,17 @@ mod x86 {
                     d1 = _mm512_dpbusd_epi32(d1, w[q + 4], quad512(x.add(16 + 4 * q)));
                 }
                 let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
+                // I8: `s_x · 1`, the same value as `s_x`.
                 acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_set1_ps(*s.sx.add(at)), d), acc[r]);
-                if Q41 {
+                if q41 {
                     acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*s.xs.add(at)), acc[r]);
                 }
+            }
+        }
+        if F == F_I8 {
+            let sw = _mm512_loadu_ps(s.scales.add(p * PANEL));
+            for r in 0..MR {
+                acc[r] = _mm512_mul_ps(acc[r], sw);
             }
         }
         acc
@@ -494,15 +596,16 @@ mod x86 {
     /// the eight quads add up to at most 30480: no saturation) summed to i32 once; Q8_0
     /// as `|w|` by `x` signed as `w` (codes within ±127), to i32 per quad.
     #[inline(always)]
-    unsafe fn half_avx2<const MR: usize, const Q41: bool>(s: &A8Strip, p: usize, h: usize, i0: usize) -> [__m256; MR] {
+    unsafe fn half_avx2<const MR: usize, const F: u8>(s: &A8Strip, p: usize, h: usize, i0: usize) -> [__m256; MR] {
+        let q41 = F == F_Q41;
         let (low, ones) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1));
         let mut acc = [_mm256_setzero_ps(); MR];
         for g in 0..s.groups {
             let grp = s.group(p, g);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16 * h) as *const __m128i));
+            let d = if F == F_I8 { _mm256_set1_ps(1.0) } else { _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16 * h) as *const __m128i)) };
             let mut w = [_mm256_setzero_si256(); 8];
             let mut mv = _mm256_setzero_ps();
-            if Q41 {
+            if q41 {
                 mv = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(32 + 16 * h) as *const __m128i));
                 for q in 0..4 {
                     let v = _mm256_loadu_si256(grp.add(64 + 64 * q + 32 * h) as *const __m256i);
@@ -511,13 +614,13 @@ mod x86 {
                 }
             } else {
                 for q in 0..8 {
-                    w[q] = _mm256_loadu_si256(grp.add(32 + 64 * q + 32 * h) as *const __m256i);
+                    w[q] = _mm256_loadu_si256(grp.add(signed_codes(F) + 64 * q + 32 * h) as *const __m256i);
                 }
             }
             for r in 0..MR {
                 let at = (i0 + r) * s.groups + g;
                 let x = s.xq0.add((i0 + r) * s.kp + g * 32);
-                let dot = if Q41 {
+                let dot = if q41 {
                     let mut s16 = _mm256_setzero_si256();
                     for q in 0..4 {
                         s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[q], quad256(x.add(4 * q))));
@@ -534,9 +637,15 @@ mod x86 {
                     s32
                 };
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_set1_ps(*s.sx.add(at)), d), acc[r]);
-                if Q41 {
+                if q41 {
                     acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*s.xs.add(at)), acc[r]);
                 }
+            }
+        }
+        if F == F_I8 {
+            let sw = _mm256_loadu_ps(s.scales.add(p * PANEL + 8 * h));
+            for r in 0..MR {
+                acc[r] = _mm256_mul_ps(acc[r], sw);
             }
         }
         acc
@@ -552,7 +661,7 @@ mod x86 {
     /// `y` at column `c0`, row 0: columns `c0 .. c0 + cols`, rows `0 .. m`, panel by panel,
     /// rows eight at a time (the panel's groups stay in L1 for the next eight).
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn gemm_vnni<const Q41: bool>(s: &A8Strip, m: usize, c0: usize, cols: usize, y: *mut f32, ldy: usize) {
+    pub unsafe fn gemm_vnni<const F: u8>(s: &A8Strip, m: usize, c0: usize, cols: usize, y: *mut f32, ldy: usize) {
         for (p, mask) in panels(c0, cols) {
             // Column 16p of row 0: the masked stores write only the task's columns.
             let yp = y.wrapping_add(p * PANEL).wrapping_sub(c0);
@@ -561,19 +670,19 @@ mod x86 {
                 let yi = yp.wrapping_add(i * ldy);
                 i += match m - i {
                     8.. => {
-                        store512(panel_vnni::<8, Q41>(s, p, i), yi, ldy, mask);
+                        store512(panel_vnni::<8, F>(s, p, i), yi, ldy, mask);
                         8
                     }
                     4..=7 => {
-                        store512(panel_vnni::<4, Q41>(s, p, i), yi, ldy, mask);
+                        store512(panel_vnni::<4, F>(s, p, i), yi, ldy, mask);
                         4
                     }
                     2 | 3 => {
-                        store512(panel_vnni::<2, Q41>(s, p, i), yi, ldy, mask);
+                        store512(panel_vnni::<2, F>(s, p, i), yi, ldy, mask);
                         2
                     }
                     _ => {
-                        store512(panel_vnni::<1, Q41>(s, p, i), yi, ldy, mask);
+                        store512(panel_vnni::<1, F>(s, p, i), yi, ldy, mask);
                         1
                     }
                 };
@@ -594,7 +703,7 @@ mod x86 {
 
     /// As [`gemm_vnni`], eight columns (half a panel) and four rows at a time.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn gemm_avx2<const Q41: bool>(s: &A8Strip, m: usize, c0: usize, cols: usize, y: *mut f32, ldy: usize) {
+    pub unsafe fn gemm_avx2<const F: u8>(s: &A8Strip, m: usize, c0: usize, cols: usize, y: *mut f32, ldy: usize) {
         for (p, mask) in panels(c0, cols) {
             for h in 0..2 {
                 let lanes = (0..8).filter(|l| mask >> (8 * h + l) & 1 == 1);
@@ -605,15 +714,15 @@ mod x86 {
                     let yi = yp.wrapping_add(i * ldy);
                     i += match m - i {
                         4.. => {
-                            store256(half_avx2::<4, Q41>(s, p, h, i), yi, ldy, lo..hi + 1);
+                            store256(half_avx2::<4, F>(s, p, h, i), yi, ldy, lo..hi + 1);
                             4
                         }
                         2 | 3 => {
-                            store256(half_avx2::<2, Q41>(s, p, h, i), yi, ldy, lo..hi + 1);
+                            store256(half_avx2::<2, F>(s, p, h, i), yi, ldy, lo..hi + 1);
                             2
                         }
                         _ => {
-                            store256(half_avx2::<1, Q41>(s, p, h, i), yi, ldy, lo..hi + 1);
+                            store256(half_avx2::<1, F>(s, p, h, i), yi, ldy, lo..hi + 1);
                             1
                         }
                     };
@@ -629,6 +738,7 @@ mod x86 {
     unsafe fn weight_column(o: &super::Outliers<'_>, col: usize, dst: &mut [f32]) {
         let s = o.w;
         let q41 = s.format == super::A8Format::Q4_1;
+        let i8 = s.format == super::A8Format::I8;
         let (g, e) = (col / 32, col % 32);
         // The word of the code and where the code sits in it.
         let (word, shift) = if q41 { (e % 16 / 4, 8 * (e % 4) + if e >= 16 { 4 } else { 0 }) } else { (e / 4, 8 * (e % 4)) };
@@ -637,7 +747,11 @@ mod x86 {
             let grp = s.group(p, g);
             let mut v = [0f32; PANEL];
             for h in 0..2 {
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16 * h) as *const __m128i));
+                let d = if i8 {
+                    _mm256_loadu_ps(s.scales.add(p * PANEL + 8 * h))
+                } else {
+                    _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16 * h) as *const __m128i))
+                };
                 let words = _mm256_loadu_si256(grp.add(codes + 32 * h) as *const __m256i);
                 let wv = if q41 {
                     let q = _mm256_and_si256(_mm256_srl_epi32(words, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi32(0x0f));
@@ -697,7 +811,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// The module doc's arithmetic, straight from the GGUF blocks (not the panels), for
-    /// output `(i, j)`.
+    /// output `(i, j)`; `I8`: before the column's scale.
     fn reference(format: A8Format, blocks: &[u8], k: usize, acts: &QuantActs, sums: &GroupSums, i: usize, j: usize) -> f32 {
         let (bb, groups) = (format.block_bytes(), k / 32);
         let mut acc = 0f32;
@@ -708,10 +822,13 @@ mod tests {
                 match format {
                     A8Format::Q4_1 => (if e < 16 { blk[4 + e] & 0x0f } else { blk[4 + e - 16] >> 4 }) as i32,
                     A8Format::Q8_0 => blk[2 + e] as i8 as i32,
+                    A8Format::I8 => blk[e] as i8 as i32,
                 }
             };
             let dot: i32 = (0..32).map(|e| code(e) * acts.xq[i * k + g * 32 + e] as i32).sum();
-            acc = (dot as f32).mul_add(acts.sx[i * groups + g] * half(0), acc);
+            // I8's column scale multiplies the sum after (the caller's).
+            let d = if format == A8Format::I8 { 1.0 } else { half(0) };
+            acc = (dot as f32).mul_add(acts.sx[i * groups + g] * d, acc);
             if format == A8Format::Q4_1 {
                 acc = half(2).mul_add(sums.scaled[i * groups + g], acc);
             }
@@ -809,9 +926,13 @@ mod tests {
         assert!(acts.xq[..k].iter().all(|&c| c == 127) && acts.xq[k..2 * k].iter().all(|&c| c == -127));
         let mut sums = GroupSums::new();
         group_sums(&acts, &mut sums);
-        for (format, blocks) in [(A8Format::Q4_1, q41), (A8Format::Q8_0, q80)] {
-            let w = A8Weight::from_blocks(format, &blocks, n, k);
-            let want: Vec<f32> = (0..m * n).map(|at| reference(format, &blocks, k, &acts, &sums, at / n, at % n)).collect();
+        let i8: Vec<u8> = q80.chunks_exact(34).flat_map(|b| b[2..].to_vec()).collect();
+        for (format, blocks) in [(A8Format::Q4_1, q41), (A8Format::Q8_0, q80), (A8Format::I8, i8)] {
+            let mut w = A8Weight::from_blocks(format, &blocks, n, k);
+            if format == A8Format::I8 {
+                w.scales = vec![0.5; n.next_multiple_of(PANEL)];
+            }
+            let want: Vec<f32> = (0..m * n).map(|at| reference(format, &blocks, k, &acts, &sums, at / n, at % n) * if format == A8Format::I8 { 0.5 } else { 1.0 }).collect();
             if format == A8Format::Q4_1 {
                 // Per group 32 codes of 15 by 127 times s_x · d = 0.5 / 127, plus m = 0.5
                 // times s_x · Σx = 32: 256 per group.
@@ -831,11 +952,11 @@ mod tests {
     fn panels_give_back_the_blocks() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let (n, k) = (37, 96);
-        for format in [A8Format::Q4_1, A8Format::Q8_0] {
+        for format in [A8Format::Q4_1, A8Format::Q8_0, A8Format::I8] {
             let blocks: Vec<u8> = (0..n * k / 32 * format.block_bytes()).map(|_| rng.random()).collect();
             let w = A8Weight::from_blocks(format, &blocks, n, k);
             assert_eq!(w.panels.len(), 3 * 3 * format.group_bytes());
-            let rb = w.row_bytes(k);
+            let rb = k / 32 * format.block_bytes();
             let mut out = Vec::new();
             for (n0, rows) in [(0, n), (3, 20), (17, 20), (36, 1)] {
                 w.blocks_of(n0, rows, &mut out);
@@ -846,11 +967,77 @@ mod tests {
                 let pad = &w.panels[(2 * 3 + g) * format.group_bytes()..][..format.group_bytes()];
                 let zero = &last.panels[g * format.group_bytes()..][..format.group_bytes()];
                 for c in 5..16 {
-                    assert_eq!(pad[2 * c..2 * c + 2], zero[2 * c..2 * c + 2], "{format:?} d of padding column {c}");
+                    if format != A8Format::I8 {
+                        assert_eq!(pad[2 * c..2 * c + 2], zero[2 * c..2 * c + 2], "{format:?} d of padding column {c}");
+                    }
                     for q in 0..format.code_words() {
                         let at = format.head_bytes() + 64 * q + 4 * c;
                         assert_eq!(pad[at..at + 4], [0; 4], "{format:?} codes of padding column {c}");
                     }
+                }
+            }
+        }
+    }
+
+    /// `--quantize int8` (the `I8` format) on every path against a scalar reference
+    /// computed from the rows' own codes and scales ([`quantize_row`], not the panels):
+    /// per group an exact dot product and one FMA by `s_x`, the column's scale times the
+    /// sum, then the outliers; K not a multiple of 32 (rows padded with zero codes) among
+    /// the issue's odd shapes. The paths agree bitwise and stay near the float product.
+    #[test]
+    fn every_int8_path_matches_the_scalar_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let pool = ThreadPool::new(2);
+        let shapes = [(1usize, 576usize, 49152usize), (3, 576, 1536), (17, 1536, 576), (128, 576, 192), (1, 1536, 576), (5, 13, 9), (2, 33, 70)];
+        for &(m, k, n) in &shapes {
+            let dense: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let w = A8Weight::int8(&dense, n, k);
+            let kp = k.next_multiple_of(32);
+            assert_eq!((w.format, w.n, w.k), (A8Format::I8, n, kp));
+            let mut codes = vec![0i8; n * kp];
+            let scales: Vec<f32> = dense.chunks_exact(k).zip(codes.chunks_exact_mut(kp)).map(|(r, q)| quantize_row(r, &mut q[..k])).collect();
+            let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            if k >= 64 {
+                for i in (0..m).step_by(2) {
+                    x[i * k + (i * 7) % k] = 40.0;
+                }
+            }
+            let mut acts = QuantActs::new();
+            acts.quantize(&x, k, kp);
+            if k >= 64 {
+                assert_eq!(acts.outliers.len(), m.div_ceil(2), "one outlier in every other row");
+            }
+            let mut sums = GroupSums::new();
+            group_sums(&acts, &mut sums);
+            let mut want = vec![0f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    let mut acc = 0f32;
+                    for g in 0..kp / 32 {
+                        let dot: i32 = (0..32).map(|e| acts.xq[i * kp + g * 32 + e] as i32 * codes[j * kp + g * 32 + e] as i32).sum();
+                        acc = (dot as f32).mul_add(acts.sx[i * kp / 32 + g], acc);
+                    }
+                    want[i * n + j] = acc * scales[j];
+                    for &(col, v) in &acts.outliers[acts.row_outliers[i]..acts.row_outliers[i + 1]] {
+                        want[i * n + j] += v * (scales[j] * codes[j * kp + col as usize] as f32);
+                    }
+                }
+            }
+            for kern in I8Kernel::available() {
+                let mut y = vec![f32::NAN; m * n];
+                gemm_a8(kern, &pool, &acts, &sums, &w, n, &mut y);
+                assert_eq!(y, want, "{kern:?} m={m} k={k} n={n}");
+            }
+            let mut deq = vec![0f32; n * k];
+            w.dequant_rows(0, k, &mut deq);
+            for (j, row) in deq.chunks_exact(k).enumerate() {
+                assert!(row.iter().zip(&codes[j * kp..]).all(|(&v, &c)| v == scales[j] * c as f32), "dequantized row {j}");
+            }
+            for i in [0, m - 1] {
+                for j in [0, n / 2, n - 1] {
+                    let exact: f32 = (0..k).map(|p| x[i * k + p] * dense[j * k + p]).sum();
+                    let tol = 0.01 * (k as f32).sqrt();
+                    assert!((want[i * n + j] - exact).abs() < tol, "m={m} k={k}: {} vs {exact}", want[i * n + j]);
                 }
             }
         }

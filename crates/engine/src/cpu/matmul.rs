@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use half::f16;
 
 use super::act8::{A8Format, A8Weight};
-use super::quant::{F8Weight, I8Weight};
+use super::quant::F8Weight;
 use crate::threadpool::ThreadPool;
 
 /// A weight matrix `[N, K]`, row-major, in one of the formats the kernel reads directly.
@@ -37,9 +37,6 @@ pub enum Weight {
     /// GGUF Q5_0: blocks of 32, `{d: f16, qh: [u8; 4], qs: [u8; 16]}`, value
     /// `d * ((low nibble | high bit << 4) - 16)`.
     Q5_0(Vec<u8>),
-    /// Symmetric INT8 per output channel (`--quantize int8`), multiplied with INT8
-    /// activations.
-    I8(I8Weight),
     /// OCP FP8 E4M3 with a scale per output channel (`--quantize fp8`).
     F8(F8Weight),
     /// GGUF blocks multiplied with INT8 activations (`--quantize act8`).
@@ -56,11 +53,11 @@ impl Weight {
             Weight::Q4_0(_) => "q4_0",
             Weight::Q4_1(_) => "q4_1",
             Weight::Q5_0(_) => "q5_0",
-            Weight::I8(_) => "int8",
             Weight::F8(_) => "fp8",
             Weight::A8(w) => match w.format {
                 A8Format::Q4_1 => "q4_1+a8",
                 A8Format::Q8_0 => "q8_0+a8",
+                A8Format::I8 => "int8",
             },
         }
     }
@@ -73,9 +70,8 @@ impl Weight {
             Weight::Q4_0(_) => k / QK * 18,
             Weight::Q4_1(_) => k / QK * 20,
             Weight::Q5_0(_) => k / QK * 22,
-            Weight::I8(w) => w.kp + 4,
             Weight::F8(_) => k + 4,
-            Weight::A8(w) => w.row_bytes(k),
+            Weight::A8(w) => w.row_bytes(),
         }
     }
 
@@ -83,9 +79,8 @@ impl Weight {
         match self {
             Weight::F32(v) => v.len() * 4,
             Weight::Q8_0(v) | Weight::Q4_0(v) | Weight::Q4_1(v) | Weight::Q5_0(v) => v.len(),
-            Weight::I8(w) => w.q.len() + w.scale.len() * 4,
             Weight::F8(w) => w.q.len() + w.scale.len() * 4,
-            Weight::A8(w) => w.panels.len(),
+            Weight::A8(w) => w.storage_bytes(),
         }
     }
 
@@ -110,7 +105,6 @@ impl Weight {
                 let rb = self.row_bytes(k);
                 dequant_q5_0(&b[n0 * rb..(n0 + rows) * rb], out)
             }
-            Weight::I8(w) => w.dequant_rows(n0, k, out),
             Weight::F8(w) => w.dequant_rows(n0, k, out),
             Weight::A8(w) => w.dequant_rows(n0, k, out),
         }
@@ -181,10 +175,23 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Weight, out_features: usize, in_features: usize) -> crate::Result<Self> {
+        if let Weight::A8(w) = &weight {
+            // Panels know their shape (`I8` rows padded to whole groups).
+            let k = if w.format == A8Format::I8 { in_features.next_multiple_of(QK) } else { in_features };
+            if (w.n, w.k) != (out_features, k) {
+                return Err(crate::EngineError::Load(format!(
+                    "{} weight is [{}, {}], expected [{out_features}, {k}]",
+                    weight.format_name(),
+                    w.n,
+                    w.k
+                )));
+            }
+            return Ok(Linear { weight, out_features, in_features });
+        }
         let expect = match &weight {
             Weight::F32(v) => v.len() * 4,
             // What the weight holds, against what its shape needs (below).
-            Weight::I8(_) | Weight::F8(_) => weight.storage_bytes(),
+            Weight::F8(_) => weight.storage_bytes(),
             _ => {
                 if !in_features.is_multiple_of(QK) {
                     return Err(crate::EngineError::Load(format!(
@@ -218,13 +225,10 @@ impl Linear {
         };
         let weight = match q {
             Quantize::None => self.weight.clone(),
-            Quantize::Int8 => Weight::I8(I8Weight::quantize(&dense(), n, k)),
+            Quantize::Int8 => Weight::A8(A8Weight::int8(&dense(), n, k)),
             Quantize::Fp8 => Weight::F8(F8Weight::quantize(&dense(), n, k)),
             // K not a multiple of 32 (no GGUF block format has that): per-channel INT8.
-            Quantize::Act8 => match A8Weight::from_weight(&self.weight, n, k) {
-                Some(w) => Weight::A8(w),
-                None => Weight::I8(I8Weight::quantize(&dense(), n, k)),
-            },
+            Quantize::Act8 => Weight::A8(A8Weight::from_weight(&self.weight, n, k).unwrap_or_else(|| A8Weight::int8(&dense(), n, k))),
         };
         Linear { weight, out_features: n, in_features: k }
     }
@@ -261,9 +265,16 @@ pub enum Acts {
     /// As the weight's format asks: INT8 for `int8` and `act8` weights, f32 otherwise.
     AsStored,
     /// f32 whatever the weight: act8 weights (GGUF blocks as they are) are then read as
-    /// the `none` path reads them, which batches of prompt rows run faster on AVX-512 and
-    /// exactly. INT8 weights keep INT8 activations.
+    /// the `none` path reads them, exactly. INT8 weights keep INT8 activations.
     F32,
+}
+
+/// Whether `w` is multiplied with INT8 activations when a call asks for `acts`.
+fn int8_acts(w: &Weight, acts: Acts) -> Option<&A8Weight> {
+    match w {
+        Weight::A8(w) if acts == Acts::AsStored || w.format == A8Format::I8 => Some(w),
+        _ => None,
+    }
 }
 
 /// [`matmul_on`] with activations multiplied as `acts` says.
@@ -274,10 +285,7 @@ pub fn matmul_acts(kern: Kernel, pool: &ThreadPool, x: &[f32], m: usize, lin: &L
     if m == 0 {
         return;
     }
-    if let Weight::I8(w) = &lin.weight {
-        return super::quant::matmul_i8(kern, pool, x, k, w, n, y);
-    }
-    if let (Weight::A8(w), Acts::AsStored) = (&lin.weight, acts) {
+    if let Some(w) = int8_acts(&lin.weight, acts) {
         return super::act8::matmul_a8(super::quant::I8Kernel::for_kernel(kern), pool, x, k, w, n, y);
     }
     // SAFETY: each task writes only its own columns.
@@ -360,17 +368,8 @@ pub fn matmul_many_acts(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Li
     if m == 0 {
         return;
     }
-    #[derive(PartialEq)]
-    enum Kind {
-        Plain,
-        I8(usize),
-        A8,
-    }
-    let kind = |w: &Weight| match w {
-        Weight::I8(w) => Kind::I8(w.kp),
-        Weight::A8(_) if acts == Acts::AsStored => Kind::A8,
-        _ => Kind::Plain,
-    };
+    // None: plain; Some(kp): INT8 activations for weights of this padded width.
+    let kind = |w: &Weight| int8_acts(w, acts).map(|w| w.k);
     let first = kind(&outs[0].0.weight);
     if outs.len() == 1 || outs.iter().any(|o| kind(&o.0.weight) != first) {
         for (lin, y) in outs.iter_mut() {
@@ -391,26 +390,13 @@ pub fn matmul_many_acts(pool: &ThreadPool, x: &[f32], m: usize, outs: &mut [(&Li
         })
     };
     let k8 = I8Kernel::for_kernel(kern);
-    for lin in &lins {
-        match &lin.weight {
-            Weight::I8(w) => assert_eq!(w.q.len(), lin.out_features * w.kp, "INT8 weight of the wrong size"),
-            Weight::A8(w) => assert_eq!((w.n, w.k), (lin.out_features, k), "act8 weight of the wrong shape"),
-            _ => {}
-        }
-    }
     // SAFETY (every body): task t writes only columns n0..n0+rows of layer i's output.
     match first {
-        Kind::Plain => run(&|lin, n0, rows, y| unsafe { plain_cols(kern, lin, x, m, n0, rows, y) }),
-        Kind::I8(kp) => super::quant::with_acts(pool, x, k, kp, |acts| {
+        None => run(&|lin, n0, rows, y| unsafe { plain_cols(kern, lin, x, m, n0, rows, y) }),
+        Some(kp) => super::act8::with_acts(pool, x, k, kp, |qa, sums| {
             run(&|lin, n0, rows, y| {
-                let Weight::I8(w) = &lin.weight else { unreachable!("checked: every layer is INT8") };
-                unsafe { super::quant::gemm_i8_cols(k8, acts, w, lin.out_features, n0, rows, y) }
-            })
-        }),
-        Kind::A8 => super::act8::with_acts(pool, x, k, |acts, sums| {
-            run(&|lin, n0, rows, y| {
-                let Weight::A8(w) = &lin.weight else { unreachable!("checked: every layer is act8") };
-                unsafe { super::act8::gemm_a8_cols(k8, (acts, sums), w, lin.out_features, n0, rows, y) }
+                let w = int8_acts(&lin.weight, acts).expect("checked: every layer has INT8 activations");
+                unsafe { super::act8::gemm_a8_cols(k8, (qa, sums), w, lin.out_features, n0, rows, y) }
             })
         }),
     }
@@ -578,7 +564,7 @@ impl Kernel {
                 // go back to row-major blocks (20 or 34 bytes per 32 weights, against the
                 // 128 of f32 written) and through the GGUF strips.
                 #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx512 | Kernel::Avx2, Weight::A8(w)) => A8_ROWS.with(|b| {
+                (Kernel::Avx512 | Kernel::Avx2, Weight::A8(w)) if w.format != A8Format::I8 => A8_ROWS.with(|b| {
                     let mut b = b.borrow_mut();
                     w.blocks_of(n0, rows, &mut b);
                     let (b, o) = (b.as_ptr(), out.as_mut_ptr());
@@ -587,6 +573,7 @@ impl Kernel {
                         (Kernel::Avx512, A8Format::Q8_0) => x86::dequant_avx512(&x86::Q80Strip { b, row_bytes: rb }, rows, k, o),
                         (_, A8Format::Q4_1) => x86::dequant_avx2(&x86::Q41Strip { b, row_bytes: rb }, rows, k, o),
                         (_, A8Format::Q8_0) => x86::dequant_avx2(&x86::Q80Strip { b, row_bytes: rb }, rows, k, o),
+                        (_, A8Format::I8) => unreachable!("matched above"),
                     }
                 }),
                 #[cfg(target_arch = "x86_64")]
@@ -1176,6 +1163,7 @@ mod tests {
                 match w.format {
                     A8Format::Q4_1 => Weight::Q4_1(blocks),
                     A8Format::Q8_0 => Weight::Q8_0(blocks),
+                    A8Format::I8 => panic!("act8 made per-channel INT8 of K = {k}, a multiple of 32"),
                 },
                 a8.out_features,
                 k,
@@ -1303,11 +1291,15 @@ mod tests {
                     assert!((a - b).abs() <= 1e-4 * (k as f32).sqrt(), "fp8 {kern:?} m={m} k={k} n={n}: {a} vs {b}");
                 }
             }
-            let i8 = Linear::new(Weight::I8(I8Weight::quantize(&dense, n, k)), n, k).unwrap();
+            let i8 = Linear::new(Weight::A8(A8Weight::int8(&dense, n, k)), n, k).unwrap();
             let exact = reference(&x, m, k, &dense, n);
             for kern in Kernel::available() {
                 let mut y = vec![f32::NAN; m * n];
                 matmul_on(kern, &pool, &x, m, &i8, &mut y);
+                // f32 activations asked for (prompt rows under act8): INT8 weights keep INT8.
+                let mut f32_acts = vec![f32::NAN; m * n];
+                matmul_acts(kern, &pool, &x, m, &i8, &mut f32_acts, Acts::F32);
+                assert_eq!(f32_acts, y, "int8 {kern:?} m={m}: Acts::F32");
                 let last = &x[(m - 1) * k..];
                 let mut one = vec![f32::NAN; n];
                 matmul_on(kern, &pool, last, 1, &i8, &mut one);

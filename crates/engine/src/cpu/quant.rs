@@ -1,11 +1,12 @@
-//! Weights quantized at load (`--quantize int8|fp8`) and the INT8 GEMM.
+//! Weights quantized at load (`--quantize int8|fp8`) and the INT8 activations.
 //!
-//! - INT8: symmetric per output channel (`w ≈ s_n · q`, q in -127..=127), rows padded with
-//!   zeros to a multiple of 32. Activations are quantized per token on the fly, in groups
-//!   of 32 with a scale each, their outliers kept in f32 ([`QuantActs`]); each group's dot
-//!   product is exact integer arithmetic, and every instruction-set path sums the groups in
-//!   the same order ([`gemm_i8`]), so they give the same bits, and a row's output never
-//!   depends on the batch it is in.
+//! - INT8: symmetric per output channel (`w ≈ s_n · q`, q in -127..=127, [`quantize_row`]),
+//!   rows padded with zeros to a multiple of 32, stored and multiplied as the `I8` format of
+//!   [`super::act8`]. Activations are quantized per token on the fly, in groups of 32 with
+//!   a scale each, their outliers kept in f32 ([`QuantActs`]); each group's dot product is
+//!   exact integer arithmetic, and every instruction-set path sums the groups in the same
+//!   order, so they give the same bits, and a row's output never depends on the batch it
+//!   is in.
 //! - FP8: OCP E4M3 codes with one f32 scale per output channel (`w ≈ s_n · e4m3(q)`,
 //!   amax mapped to 448), the layout cuBLASLt takes. On CPU the codes are widened in
 //!   registers (E4M3 → f16 bits → F16C) and multiplied in f32 with f32 activations.
@@ -16,49 +17,12 @@
 //!   y[m, n] = s_w[n] · Σ_g s_x[m, g] · (xq[m, g] · wq[n, g])  +  Σ_outliers x · s_w[n] · wq[n, col]
 //! ```
 
-use std::cell::RefCell;
-
 use super::matmul::Kernel;
 use super::SyncPtr;
 use crate::threadpool::ThreadPool;
 
 /// INT8 rows are padded to this many columns (one AVX2 register of bytes).
 pub const I8_ALIGN: usize = 32;
-
-/// Weights `[N, K]` as symmetric INT8 per output channel.
-#[derive(Debug, Clone)]
-pub struct I8Weight {
-    /// `N` rows of `kp` codes (the tail past K is zero).
-    pub q: Vec<i8>,
-    /// One scale per row.
-    pub scale: Vec<f32>,
-    /// Row stride: K rounded up to [`I8_ALIGN`].
-    pub kp: usize,
-}
-
-impl I8Weight {
-    /// Quantizes `w[n, k]` (row-major f32).
-    pub fn quantize(w: &[f32], n: usize, k: usize) -> I8Weight {
-        assert_eq!(w.len(), n * k);
-        let kp = k.next_multiple_of(I8_ALIGN);
-        let mut q = vec![0i8; n * kp];
-        let mut scale = vec![0f32; n];
-        for (j, row) in w.chunks_exact(k).enumerate() {
-            scale[j] = quantize_row(row, &mut q[j * kp..j * kp + k]);
-        }
-        I8Weight { q, scale, kp }
-    }
-
-    /// Rows `n0 .. n0 + out.len() / k` as f32 (`s · q`).
-    pub fn dequant_rows(&self, n0: usize, k: usize, out: &mut [f32]) {
-        for (r, o) in out.chunks_exact_mut(k).enumerate() {
-            let (s, row) = (self.scale[n0 + r], &self.q[(n0 + r) * self.kp..]);
-            for (v, &c) in o.iter_mut().zip(row) {
-                *v = s * c as f32;
-            }
-        }
-    }
-}
 
 /// `f` folded over `row` in eight lanes (lane l takes elements l, l + 8, ..., in order):
 /// eight independent chains where a serial fold has one, which the compiler turns into
@@ -196,22 +160,17 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
 
 // ---------------------------------------------------------------- INT8 GEMM
 
-thread_local! {
-    static ACTS: RefCell<QuantActs> = const { RefCell::new(QuantActs::new()) };
-}
-
 /// The INT8 instruction-set path for an f32 [`Kernel`] choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum I8Kernel {
     /// AVX-512 VNNI: `vpdpbusd` (four u8 x i8 products added into each 32-bit lane in one
-    /// instruction) on 256-bit registers, so a lane holds the same four codes as on the
-    /// AVX2 path; signed weights are flipped to unsigned (`w ^ 0x80 = w + 128`) and the
-    /// lane starts at `-128 · Σx` of its four activation codes, which keeps the integer
-    /// dot product exact. 32 vector registers allow larger tiles.
+    /// instruction) on the 16-column panels of [`super::act8`]; signed weights are flipped
+    /// to unsigned (`w ^ 0x80 = w + 128`) and the lane starts at `-128 · Σx` of the
+    /// group's activation codes, which keeps the integer dot product exact.
     #[cfg(target_arch = "x86_64")]
     Vnni,
-    /// `vpmaddubsw` on |x| and sign(x)·w, `vpmaddwd` into 32-bit lanes, then one FMA per
-    /// group with the activation scale.
+    /// `vpmaddubsw` and `vpmaddwd` into 32-bit lanes, eight columns of a panel at a time,
+    /// then the same FMAs per group.
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
@@ -409,286 +368,6 @@ fn token_rms(row: &[f32]) -> f32 {
     (sum / row.len() as f64).sqrt() as f32
 }
 
-/// `y[m, N] = x[m, K] · Wᵀ` with W in INT8 and x quantized per token and group.
-/// `x` holds whole rows of `k`.
-pub fn matmul_i8(kern: Kernel, pool: &ThreadPool, x: &[f32], k: usize, w: &I8Weight, n: usize, y: &mut [f32]) {
-    with_acts(pool, x, k, w.kp, |acts| gemm_i8(I8Kernel::for_kernel(kern), pool, acts, w, n, y))
-}
-
-/// `f` on `x[m, k]` quantized (on `pool`) for weights of row stride `kp` (a per-thread buffer).
-pub fn with_acts<R>(pool: &ThreadPool, x: &[f32], k: usize, kp: usize, f: impl FnOnce(&QuantActs) -> R) -> R {
-    ACTS.with(|acts| {
-        let mut acts = acts.borrow_mut();
-        acts.quantize_on(pool, x, k, kp);
-        f(&acts)
-    })
-}
-
-/// The GEMM over quantized activations:
-/// `y[i, j] = s_w[j] · Σ_g s_x[i, g] · (xq[i, g] · wq[j, g])`, each group's integer dot
-/// product exact, the groups summed in f32 in eight lanes (lane l holds codes 4l..4l+3 of
-/// every group) with one FMA each, then the lanes in a fixed tree; then each outlier
-/// `x[i, c]` adds `x[i, c] · (s_w[j] · wq[j, c])` in the order found. Every path does
-/// exactly this, so they agree bitwise.
-pub fn gemm_i8(kern: I8Kernel, pool: &ThreadPool, a: &QuantActs, w: &I8Weight, n: usize, y: &mut [f32]) {
-    assert_eq!(a.kp, w.kp);
-    assert_eq!(y.len(), a.m * n);
-    if a.m == 0 {
-        return;
-    }
-    // SAFETY: each task writes only its own columns.
-    super::matmul::par_cols(pool, a.m, n, y, &|n0, rows, y| unsafe { gemm_i8_cols(kern, a, w, n, n0, rows, y) });
-}
-
-/// Columns `n0 .. n0 + rows` of `y[m, n]` (one pool task of [`gemm_i8`]).
-///
-/// # Safety
-/// `y` holds `m` rows of `n`; nothing else writes these columns meanwhile.
-pub(crate) unsafe fn gemm_i8_cols(kern: I8Kernel, a: &QuantActs, w: &I8Weight, n: usize, n0: usize, rows: usize, y: *mut f32) {
-    let (m, kp) = (a.m, w.kp);
-    let strip = I8Strip { q: w.q[n0 * kp..].as_ptr(), s: w.scale[n0..].as_ptr(), xq0: a.xq.as_ptr(), sx: a.sx.as_ptr(), kp };
-    // xq holds m rows of kp codes, sx their group scales, the strip `rows` rows of kp codes.
-    let yt = y.add(n0);
-    match kern {
-        #[cfg(target_arch = "x86_64")]
-        I8Kernel::Vnni => x86::gemm_vnni(&strip, m, rows, yt, n),
-        #[cfg(target_arch = "x86_64")]
-        I8Kernel::Avx2 => x86::gemm(&strip, m, rows, yt, n),
-        I8Kernel::Portable => portable::gemm(&strip, m, rows, yt, n),
-    }
-    match kern {
-        #[cfg(target_arch = "x86_64")]
-        I8Kernel::Vnni | I8Kernel::Avx2 => x86::outliers(a, w, n0, rows, yt, n),
-        I8Kernel::Portable => outliers_from(a, w, n0, 0, rows, yt, n),
-    }
-}
-
-/// The f32 side of the outliers for weight rows `n0 + c0 .. n0 + rows`:
-/// `y[i, c] += x · (s_w · wq[c, col])`, in the order found.
-///
-/// # Safety
-/// As [`gemm_i8_cols`].
-#[inline(always)]
-unsafe fn outliers_from(a: &QuantActs, w: &I8Weight, n0: usize, c0: usize, rows: usize, yt: *mut f32, n: usize) {
-    let kp = w.kp;
-    for i in 0..a.m {
-        for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
-            for c in c0..rows {
-                let j = n0 + c;
-                *yt.add(i * n + c) += v * (w.scale[j] * w.q[j * kp + col as usize] as f32);
-            }
-        }
-    }
-}
-
-/// What a tile kernel reads: a strip of INT8 weight rows with their scales, and the
-/// activations (their first row, to find the group scales of the rows a tile is given).
-pub struct I8Strip {
-    pub q: *const i8,
-    pub s: *const f32,
-    pub xq0: *const i8,
-    pub sx: *const f32,
-    pub kp: usize,
-}
-
-impl I8Strip {
-    /// Group scales of the activation row that starts at `x` (rows are `kp` codes apart).
-    #[inline(always)]
-    unsafe fn sx_row(&self, x: *const i8) -> *const f32 {
-        let row = (x.offset_from(self.xq0) as usize) / self.kp;
-        self.sx.add(row * (self.kp / I8_ALIGN))
-    }
-}
-
-/// Sum of eight lanes in the tree `hsum256` uses: `((0+4)+(2+6)) + ((1+5)+(3+7))`.
-#[inline(always)]
-pub(super) fn lane_sum(a: [f32; 8]) -> f32 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
-}
-
-#[allow(clippy::needless_range_loop)]
-mod portable {
-    use std::borrow::Borrow;
-
-    use super::{lane_sum, I8Strip};
-
-    pub unsafe fn tile<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        let w = w.borrow();
-        let mut acc = [[[0f32; 8]; NR]; MR];
-        let sxr: [*const f32; MR] = std::array::from_fn(|r| w.sx_row(x.add(r * kp)));
-        for g in 0..kp / 32 {
-            for r in 0..MR {
-                let xr = x.add(r * kp + g * 32);
-                let s = *sxr[r].add(g);
-                for c in 0..NR {
-                    let wr = w.q.add((c0 + c) * kp + g * 32);
-                    for l in 0..8 {
-                        let mut d = 0i32;
-                        for q in 0..4 {
-                            d += *xr.add(4 * l + q) as i32 * *wr.add(4 * l + q) as i32;
-                        }
-                        acc[r][c][l] = (d as f32).mul_add(s, acc[r][c][l]);
-                    }
-                }
-            }
-        }
-        for r in 0..MR {
-            for c in 0..NR {
-                *y.add(r * ldy + c) = lane_sum(acc[r][c]) * *w.s.add(c0 + c);
-            }
-        }
-    }
-
-    pub unsafe fn gemm(w: &I8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
-        let (x, kp) = (w.xq0, w.kp);
-        tiled_driver!(tile, 2, 4, x, m, kp, w, n, y, ldy)
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::needless_range_loop)]
-pub(super) mod x86 {
-    use std::arch::x86_64::*;
-
-    use std::borrow::Borrow;
-
-    use super::{lane_sum, I8Strip};
-
-    const PF_TILES: usize = 1;
-
-    /// The activation codes of one group as a signed-by-signed dot product wants them:
-    /// AVX2 `(|x|, x)`; VNNI `(x, -128 · Σx per lane)` (see [`dot_ss`]).
-    #[inline(always)]
-    unsafe fn prep_x<const VNNI: bool>(xv: __m256i) -> (__m256i, __m256i) {
-        if VNNI {
-            let bias = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), xv);
-            (xv, _mm256_sub_epi32(_mm256_setzero_si256(), bias))
-        } else {
-            (_mm256_sign_epi8(xv, xv), xv)
-        }
-    }
-
-    /// Signed weight codes as [`dot_ss`] wants them: VNNI flips them to unsigned
-    /// (`w ^ 0x80 = w + 128`), AVX2 keeps them.
-    #[inline(always)]
-    unsafe fn prep_w<const VNNI: bool>(wv: __m256i) -> __m256i {
-        if VNNI {
-            _mm256_xor_si256(wv, _mm256_set1_epi8(-128))
-        } else {
-            wv
-        }
-    }
-
-    /// Exact `Σ w·x` of each lane's four signed codes, from [`prep_w`] and [`prep_x`].
-    /// AVX2: `|x|` (unsigned) times `sign(x) · w` in `vpmaddubsw` (pairs stay within i16:
-    /// 2 · 127 · 127), `vpmaddwd` with ones. VNNI: `Σ (w + 128)·x` added onto
-    /// `-128 · Σx`.
-    #[inline(always)]
-    unsafe fn dot_ss<const VNNI: bool>(w: __m256i, (a, b): (__m256i, __m256i)) -> __m256i {
-        if VNNI {
-            _mm256_dpbusd_epi32(b, w, a)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(w, b)), _mm256_set1_epi16(1))
-        }
-    }
-
-    /// One MR x NR block over the full (padded) K, a group of 32 codes a step: each
-    /// group's exact integer dot product in eight i32 lanes ([`dot_ss`]), and one FMA
-    /// adds them, times the group's activation scale, to the f32 accumulator.
-    #[inline(always)]
-    unsafe fn tile_on<const MR: usize, const NR: usize, const VNNI: bool>(x: *const i8, kp: usize, w: &I8Strip, c0: usize, y: *mut f32, ldy: usize) {
-        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        let sxr: [*const f32; MR] = std::array::from_fn(|r| w.sx_row(x.add(r * kp)));
-        // The rows of this tile and of the next ones are contiguous; short rows (K = 576 is
-        // 19 groups) end before the hardware prefetcher ramps up, so fetch the rows
-        // `PF_TILES` tile(s) ahead, a group's worth of bytes per group.
-        let pf = w.q.wrapping_add((c0 + PF_TILES * NR) * kp);
-        for g in 0..kp / 32 {
-            let p = g * 32;
-            for l in 0..(NR * 32).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(g * NR * 32 + l * 64));
-            }
-            let mut wv = [_mm256_setzero_si256(); NR];
-            for c in 0..NR {
-                wv[c] = prep_w::<VNNI>(_mm256_loadu_si256(w.q.add((c0 + c) * kp + p) as *const __m256i));
-            }
-            for r in 0..MR {
-                let xv = prep_x::<VNNI>(_mm256_loadu_si256(x.add(r * kp + p) as *const __m256i));
-                let s = _mm256_broadcast_ss(&*sxr[r].add(g));
-                for c in 0..NR {
-                    let d = _mm256_cvtepi32_ps(dot_ss::<VNNI>(wv[c], xv));
-                    acc[r][c] = _mm256_fmadd_ps(d, s, acc[r][c]);
-                }
-            }
-        }
-        for r in 0..MR {
-            for c in 0..NR {
-                let mut a = [0f32; 8];
-                _mm256_storeu_ps(a.as_mut_ptr(), acc[r][c]);
-                *y.add(r * ldy + c) = lane_sum(a) * *w.s.add(c0 + c);
-            }
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn tile<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        tile_on::<MR, NR, false>(x, kp, w.borrow(), c0, y, ldy)
-    }
-
-    #[inline(always)]
-    unsafe fn tile_vnni<const MR: usize, const NR: usize, S: Borrow<I8Strip>>(x: *const i8, kp: usize, w: &S, c0: usize, y: *mut f32, ldy: usize) {
-        tile_on::<MR, NR, true>(x, kp, w.borrow(), c0, y, ldy)
-    }
-
-    /// The outliers, eight weight rows at a time: each row's code gathered (a 32-bit
-    /// load that ends at it, or starts at it near the row's start), `y + x·(s_w·q)` as
-    /// the scalar path computes it, so the bits are the same; the rows past a multiple
-    /// of eight the scalar way.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn outliers(a: &super::QuantActs, w: &super::I8Weight, n0: usize, rows: usize, yt: *mut f32, n: usize) {
-        let kp = w.kp;
-        let rows8 = rows / 8 * 8;
-        let offs = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(kp as i32));
-        for i in 0..a.m {
-            for &(col, v) in &a.outliers[a.row_outliers[i]..a.row_outliers[i + 1]] {
-                let col = col as usize;
-                let at = col.saturating_sub(3);
-                let up = _mm_cvtsi32_si128(8 * (3 - (col - at)) as i32);
-                let vv = _mm256_set1_ps(v);
-                let y = yt.add(i * n);
-                for c in (0..rows8).step_by(8) {
-                    let row = w.q.as_ptr().add((n0 + c) * kp + at);
-                    let q = _mm256_srai_epi32::<24>(_mm256_sll_epi32(_mm256_i32gather_epi32::<1>(row as *const i32, offs), up));
-                    let wv = _mm256_mul_ps(_mm256_loadu_ps(w.scale.as_ptr().add(n0 + c)), _mm256_cvtepi32_ps(q));
-                    _mm256_storeu_ps(y.add(c), _mm256_add_ps(_mm256_loadu_ps(y.add(c)), _mm256_mul_ps(vv, wv)));
-                }
-            }
-        }
-        super::outliers_from(a, w, n0, rows8, rows, yt, n);
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn gemm(w: &I8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
-        let (x, kp) = (w.xq0, w.kp);
-        if m == 1 {
-            tiled_driver!(tile, 1, 4, x, m, kp, w, n, y, ldy)
-        } else {
-            tiled_driver!(tile, 4, 2, x, m, kp, w, n, y, ldy)
-        }
-    }
-
-    /// With 32 registers: 4 x 4 tiles (16 accumulators) for batches.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn gemm_vnni(w: &I8Strip, m: usize, n: usize, y: *mut f32, ldy: usize) {
-        let (x, kp) = (w.xq0, w.kp);
-        if m == 1 {
-            tiled_driver!(tile_vnni, 1, 4, x, m, kp, w, n, y, ldy)
-        } else {
-            tiled_driver!(tile_vnni, 4, 4, x, m, kp, w, n, y, ldy)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,62 +518,5 @@ mod tests {
         let mut q = vec![5i8; 4];
         assert_eq!(quantize_row(&[0.0; 4], &mut q), 0.0);
         assert_eq!(q, [0; 4]);
-    }
-
-    /// Every INT8 path against a scalar reference of the same arithmetic (exact group dot
-    /// products, f32 FMAs per lane, the fixed lane tree), on the issue's odd shapes: the
-    /// paths agree bitwise; and the product stays near the float product.
-    #[test]
-    fn every_int8_path_matches_the_scalar_reference_on_odd_shapes() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-        let pool = ThreadPool::new(2);
-        let shapes = [(1usize, 576usize, 49152usize), (3, 576, 1536), (17, 1536, 576), (128, 576, 192), (1, 1536, 576), (5, 13, 9), (2, 33, 70)];
-        for &(m, k, n) in &shapes {
-            let w = I8Weight::quantize(&rand_vec(&mut rng, n * k), n, k);
-            let mut x = rand_vec(&mut rng, m * k);
-            // A massive activation in some rows: it must go the f32 way.
-            if k >= 64 {
-                for i in (0..m).step_by(2) {
-                    x[i * k + (i * 7) % k] = 40.0;
-                }
-            }
-            let kp = w.kp;
-            let mut acts = QuantActs::new();
-            acts.quantize(&x, k, kp);
-            let (xq, sx) = (&acts.xq, &acts.sx);
-            let mut want = vec![0f32; m * n];
-            for i in 0..m {
-                for j in 0..n {
-                    let mut lanes = [0f32; 8];
-                    for g in 0..kp / 32 {
-                        for (l, lane) in lanes.iter_mut().enumerate() {
-                            let d: i32 = (0..4).map(|q| xq[i * kp + g * 32 + 4 * l + q] as i32 * w.q[j * kp + g * 32 + 4 * l + q] as i32).sum();
-                            *lane = (d as f32).mul_add(sx[i * kp / 32 + g], *lane);
-                        }
-                    }
-                    want[i * n + j] = lane_sum(lanes) * w.scale[j];
-                    for &(col, v) in &acts.outliers[acts.row_outliers[i]..acts.row_outliers[i + 1]] {
-                        want[i * n + j] += v * (w.scale[j] * w.q[j * kp + col as usize] as f32);
-                    }
-                }
-            }
-            if k >= 64 {
-                assert_eq!(acts.outliers.len(), m.div_ceil(2), "one outlier in every other row");
-            }
-            for kern in I8Kernel::available() {
-                let mut y = vec![f32::NAN; m * n];
-                gemm_i8(kern, &pool, &acts, &w, n, &mut y);
-                assert_eq!(y, want, "{kern:?} m={m} k={k} n={n}");
-            }
-            let mut deq = vec![0f32; n * k];
-            w.dequant_rows(0, k, &mut deq);
-            for i in [0, m - 1] {
-                for j in [0, n / 2, n - 1] {
-                    let exact: f32 = (0..k).map(|p| x[i * k + p] * deq[j * k + p]).sum();
-                    let tol = 0.01 * (k as f32).sqrt();
-                    assert!((want[i * n + j] - exact).abs() < tol, "m={m} k={k}: {} vs {exact}", want[i * n + j]);
-                }
-            }
-        }
     }
 }
