@@ -1,5 +1,6 @@
 //! Paged attention on the default model's shape (9 query heads, 3 KV heads, head_dim 64,
-//! blocks of 16), each instruction-set path this CPU has, both cache dtypes:
+//! blocks of 16; `mqa_`: Gemma 3 270M's 4 query heads on one KV head of 256), each
+//! instruction-set path this CPU has, both cache dtypes:
 //! decode steps (one query per sequence; reported as K/V bytes read per second) and a
 //! 512-token prefill chunk (reported as flops: 4·head_dim per query-key pair per head).
 //!
@@ -16,9 +17,9 @@ use engine::threadpool::ThreadPool;
 use engine::KvDtype;
 use rand::{Rng, SeedableRng};
 
-const HEADS: usize = 9;
-const KV_HEADS: usize = 3;
-const D: usize = 64;
+/// (query heads, KV heads, head_dim).
+const SMOLLM2: (usize, usize, usize) = (9, 3, 64);
+const GEMMA3: (usize, usize, usize) = (4, 1, 256);
 const BS: usize = 16;
 
 fn threads() -> usize {
@@ -26,7 +27,8 @@ fn threads() -> usize {
 }
 
 /// `seqs` sequences of `ctx` tokens each, the last `qlen` of each attended.
-fn case(c: &mut Criterion, name: &str, seqs: usize, ctx: usize, qlen: usize) {
+#[allow(non_snake_case)]
+fn case(c: &mut Criterion, name: &str, (HEADS, KV_HEADS, D): (usize, usize, usize), seqs: usize, ctx: usize, qlen: usize) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let pool = ThreadPool::new(threads());
     let per_seq = ctx.div_ceil(BS);
@@ -67,9 +69,10 @@ fn case(c: &mut Criterion, name: &str, seqs: usize, ctx: usize, qlen: usize) {
 }
 
 fn attention(c: &mut Criterion) {
-    case(c, "decode_1x1024", 1, 1024, 1);
-    case(c, "decode_16x512", 16, 512, 1);
-    case(c, "prefill_512", 1, 512, 512);
+    case(c, "decode_1x1024", SMOLLM2, 1, 1024, 1);
+    case(c, "decode_16x512", SMOLLM2, 16, 512, 1);
+    case(c, "prefill_512", SMOLLM2, 1, 512, 512);
+    case(c, "mqa_decode_1x1024", GEMMA3, 1, 1024, 1);
 }
 
 criterion_group!(benches, attention);

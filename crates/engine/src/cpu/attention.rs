@@ -11,6 +11,13 @@
 //! block size of the cache nor on how its prompt was chunked nor on what else is in the
 //! batch.
 //!
+//! The online softmax restarts at every [`SPAN`] of absolute key positions, and the spans'
+//! states `(max, denominator, weighted sum of V)` are merged in order ([`fold`]). One item
+//! may walk every span itself, or, when a call has too few items to keep the threads busy
+//! (one sequence decoding: as many items as KV heads), each span becomes an item of its
+//! own and the caller merges their states after: the same operations in the same order,
+//! so the same bits either way.
+//!
 //! ```text
 //! q:   [num_tokens, num_heads * head_dim]     rows query_start .. query_start + query_len
 //! seq: positions 0 .. context_len; the chunk's queries sit at context_len - query_len ..
@@ -27,6 +34,10 @@ use crate::threadpool::ThreadPool;
 
 pub const TILE: usize = 32;
 const QUERY_BLOCK: usize = 16;
+/// Key positions per softmax span (a multiple of [`TILE`]).
+pub const SPAN: usize = 256;
+/// Below this many items per thread, a call splits its items' key ranges into spans.
+const SPLIT_BELOW: usize = 4;
 
 /// One sequence of the packed batch, as attention sees it.
 #[derive(Debug, Clone)]
@@ -87,28 +98,121 @@ pub fn paged_attention_on(
             // Last query blocks first: under the causal mask they see the most keys, and the
             // pool hands items out in order, so the cheap ones fill the gaps at the end.
             for qb in (0..seq.query_len).step_by(QUERY_BLOCK).rev() {
-                items.push((s, g, qb));
+                items.push(Item { s, g, qb, span: None });
             }
         }
     }
+    // Too few items for the threads: every item whose keys cross a span boundary becomes
+    // one item per span, each writing its rows' states to `parts`.
+    let d = p.head_dim;
+    let group = p.num_heads / p.num_kv_heads;
+    let mut parts_len = 0;
+    let mut merges = Vec::new();
+    if items.len() < SPLIT_BELOW * pool.threads() {
+        let whole = std::mem::take(&mut items);
+        for it in whole {
+            let (first, last) = key_range(&seqs[it.s], p, it.qb);
+            if first / SPAN == last / SPAN {
+                items.push(it);
+                continue;
+            }
+            let rows = QUERY_BLOCK.min(seqs[it.s].query_len - it.qb) * group;
+            let at = parts_len;
+            for sp in first / SPAN..=last / SPAN {
+                items.push(Item { span: Some((sp, parts_len)), ..it });
+                parts_len += rows * (d + 2);
+            }
+            merges.push((it, at, last / SPAN - first / SPAN + 1));
+        }
+    }
+    let mut parts = vec![0f32; parts_len];
     let o = super::SyncPtr(out.as_mut_ptr());
+    let pp = super::SyncPtr(parts.as_mut_ptr());
     assert_eq!(out.len(), q.len());
     pool.run(items.len(), &|i| {
-        let (s, g, qb) = items[i];
-        let _ = &o;
+        let it = items[i];
+        let _ = (&o, &pp);
         let ctx = Ctx { q, kc: k_cache, vc: v_cache, p, out: o.0 };
-        // SAFETY: each item writes the rows of its own queries and heads only; the paths
-        // run only where `Kernel::available` found their features.
+        // A span item's states go to its own range of `parts`.
+        let part = it.span.map(|(sp, at)| (sp, pp.0.wrapping_add(at)));
+        // SAFETY: each item writes the rows of its own queries and heads only, or its own
+        // range of `parts`; the paths run only where `Kernel::available` found their
+        // features.
         unsafe {
             match kern {
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => attend_item_avx512(&ctx, &seqs[s], g, qb),
+                Kernel::Avx512 => attend_item_avx512(&ctx, &seqs[it.s], it.g, it.qb, part),
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => attend_item_avx2(&ctx, &seqs[s], g, qb),
-                Kernel::Portable => attend_item_generic::<Portable, 1>(&ctx, &seqs[s], g, qb),
+                Kernel::Avx2 => attend_item_avx2(&ctx, &seqs[it.s], it.g, it.qb, part),
+                Kernel::Portable => attend_item_generic::<Portable, 1>(&ctx, &seqs[it.s], it.g, it.qb, part),
             }
         }
     });
+    // The split items' spans, merged in order, as one item would have merged them.
+    let row = p.num_heads * d;
+    let mut acc = vec![0f32; d];
+    for (it, at, spans) in merges {
+        let seq = &seqs[it.s];
+        let rows = QUERY_BLOCK.min(seq.query_len - it.qb) * group;
+        for r in 0..rows {
+            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+            acc.fill(0.0);
+            for sp in 0..spans {
+                let st = &parts[at + (sp * rows + r) * (d + 2)..][..d + 2];
+                fold(&mut m, &mut l, &mut acc, st[0], st[1], &st[2..]);
+            }
+            let (t, qh) = (seq.query_start + it.qb + r / group, it.g * group + r % group);
+            finish(&acc, l, &mut out[t * row + qh * d..][..d]);
+        }
+    }
+}
+
+/// One work item: sequence `s`, KV head `g`, the query block at `qb`, and either all its
+/// keys or one span of them (the span's number and where its states go in `parts`).
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    s: usize,
+    g: usize,
+    qb: usize,
+    span: Option<(usize, usize)>,
+}
+
+/// The first and last key position any query of the block at `qb` attends to.
+fn key_range(seq: &SeqAttn<'_>, p: &AttnParams<'_>, qb: usize) -> (usize, usize) {
+    let first_pos = seq.context_len - seq.query_len + qb;
+    let last_pos = first_pos + QUERY_BLOCK.min(seq.query_len - qb) - 1;
+    (p.sliding_window.map_or(0, |w| (first_pos + 1).saturating_sub(w)), last_pos)
+}
+
+/// Merges a span's softmax state `(sm, sl, sa)` into the running `(m, l, a)`: the first
+/// non-empty span is copied, later ones rescaled to the larger maximum. No FMA, so every
+/// path gives the same bits.
+#[inline(always)]
+fn fold(m: &mut f32, l: &mut f32, a: &mut [f32], sm: f32, sl: f32, sa: &[f32]) {
+    if sm == f32::NEG_INFINITY {
+        return;
+    }
+    if *m == f32::NEG_INFINITY {
+        (*m, *l) = (sm, sl);
+        a.copy_from_slice(sa);
+        return;
+    }
+    let nm = m.max(sm);
+    let (ca, cs) = (exp_neg(*m - nm), exp_neg(sm - nm));
+    *l = *l * ca + sl * cs;
+    for (x, &y) in a.iter_mut().zip(sa) {
+        *x = *x * ca + y * cs;
+    }
+    *m = nm;
+}
+
+/// The output row from a merged state: the weighted sum over the denominator.
+#[inline(always)]
+fn finish(acc: &[f32], den: f32, dst: &mut [f32]) {
+    let inv = 1.0 / den;
+    for (o, &v) in dst.iter_mut().zip(acc) {
+        *o = v * inv;
+    }
 }
 
 /// What every work item of one attention call shares.
@@ -122,17 +226,21 @@ struct Ctx<'a> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn attend_item_avx2(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
-    attend_item_generic::<F16c, 1>(ctx, seq, g, qb)
+unsafe fn attend_item_avx2(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize, part: Part) {
+    attend_item_generic::<F16c, 1>(ctx, seq, g, qb, part)
 }
 
 /// The same code in 512-bit registers, scoring two rows at a time (32 registers hold
 /// their partial sums); lane-wise multiplies and adds: the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn attend_item_avx512(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
-    attend_item_generic::<F16c, 2>(ctx, seq, g, qb)
+unsafe fn attend_item_avx512(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize, part: Part) {
+    attend_item_generic::<F16c, 2>(ctx, seq, g, qb, part)
 }
+
+/// `None`: the item walks all its keys and writes its output rows; `Some((span, states))`:
+/// only span `span`, its rows' states `[max, denominator, acc[head_dim]]` to `states`.
+type Part = Option<(usize, *mut f32)>;
 
 /// How a path widens f16 cache values to f32 (exactly, so every path reads the same).
 trait Widen {
@@ -405,8 +513,10 @@ fn max_of(v: &[f32]) -> f32 {
 /// head `g` walk the key tiles together: each tile's K (transposed) and V rows are copied
 /// (widened from f16) once for all of them. Per (query, head) the tiles,
 /// the lanes it uses and the order of every operation are those of that query alone.
+/// The softmax state restarts at each [`SPAN`] and is [`fold`]ed into the merged one; a
+/// span item ([`Part`]) walks its span only and leaves its state unmerged.
 #[inline(always)]
-unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize) {
+unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &SeqAttn<'_>, g: usize, qb: usize, part: Part) {
     let Ctx { q, kc, vc, p, out } = *ctx;
     let d = p.head_dim;
     let group = p.num_heads / p.num_kv_heads;
@@ -428,12 +538,31 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
     let mut acc = vec![0f32; rows * d];
     let mut mx = vec![f32::NEG_INFINITY; rows];
     let mut den = vec![0f32; rows];
+    // The spans merged so far (items that walk every span).
+    let (mut m_acc, mut m_mx, mut m_den) = (vec![0f32; rows * d], vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+    let mut merge = |acc: &mut [f32], mx: &mut [f32], den: &mut [f32]| {
+        for r in 0..rows {
+            fold(&mut m_mx[r], &mut m_den[r], &mut m_acc[r * d..(r + 1) * d], mx[r], den[r], &acc[r * d..(r + 1) * d]);
+        }
+        acc.fill(0.0);
+        mx.fill(f32::NEG_INFINITY);
+        den.fill(0.0);
+    };
     let mut tile_start = lo_of(first_pos) / TILE * TILE;
-    while tile_start <= last_pos {
+    let mut end = last_pos + 1;
+    if let Some((sp, _)) = part {
+        tile_start = tile_start.max(sp * SPAN);
+        end = end.min((sp + 1) * SPAN);
+    }
+    let first_tile = tile_start;
+    while tile_start < end {
+        if tile_start.is_multiple_of(SPAN) && tile_start != first_tile {
+            merge(&mut acc, &mut mx, &mut den);
+        }
         // The keys any query of the item needs from this tile.
-        let (la, lb) = (tile_start.max(lo_of(first_pos)), (tile_start + TILE).min(last_pos + 1));
+        let (la, lb) = (tile_start.max(lo_of(first_pos)), (tile_start + TILE).min(end));
         // The next tile's blocks of K and rows of V, requested now.
-        for (kp, o, n) in block_runs(tile_start + TILE, (last_pos + 1).min(tile_start + 2 * TILE), bs) {
+        for (kp, o, n) in block_runs(tile_start + TILE, end.min(tile_start + 2 * TILE), bs) {
             let block = seq.block_table[kp / bs] as usize;
             prefetch(kc, lay.k_index(block * bs, g, 0), d * bs);
             for slot in block * bs + o..block * bs + o + n {
@@ -524,13 +653,18 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
         }
         tile_start += TILE;
     }
+    if let Some((_, states)) = part {
+        for r in 0..rows {
+            let st = std::slice::from_raw_parts_mut(states.add(r * (d + 2)), d + 2);
+            (st[0], st[1]) = (mx[r], den[r]);
+            st[2..].copy_from_slice(&acc[r * d..(r + 1) * d]);
+        }
+        return;
+    }
+    merge(&mut acc, &mut mx, &mut den);
     for r in 0..rows {
         let (t, qh) = (seq.query_start + qb + r / group, g * group + r % group);
-        let inv = 1.0 / den[r];
-        let dst = std::slice::from_raw_parts_mut(out.add(t * row + qh * d), d);
-        for (o, &v) in dst.iter_mut().zip(&acc[r * d..(r + 1) * d]) {
-            *o = v * inv;
-        }
+        finish(&m_acc[r * d..(r + 1) * d], m_den[r], std::slice::from_raw_parts_mut(out.add(t * row + qh * d), d));
     }
 }
 
@@ -756,6 +890,74 @@ mod tests {
             start += len;
         }
         assert_eq!(start, qlen);
+    }
+
+    /// Long contexts: a sequence alone has too few items for the threads, so its items
+    /// are split into spans whose states the caller merges; batched with enough other
+    /// sequences it is not split. Both give the same bits, on every path and cache dtype,
+    /// for a decode query and a prefill chunk (one query block that crosses spans, one
+    /// inside a span), with and without a sliding window that starts mid-span; and stay
+    /// near the f64 reference.
+    #[test]
+    fn span_split_items_give_the_bits_of_whole_items() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (h, kvh, d, ctx, bs) = (6, 2, 16, 3 * SPAN - 70, 16);
+        let row = h * d;
+        let k: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let v: Vec<f32> = (0..ctx * kvh * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let q: Vec<f32> = (0..20 * row).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let layout = crate::kv_cache::KvLayout { num_layers: 1, num_blocks: ctx.div_ceil(bs), block_size: bs, num_kv_heads: kvh, head_dim: d };
+        let table: Vec<u32> = (0..ctx.div_ceil(bs) as u32).collect();
+        let slots: Vec<usize> = (0..ctx).collect();
+        let pool = ThreadPool::new(2);
+        for dtype in [crate::KvDtype::F32, crate::KvDtype::F16] {
+            let mut cache = crate::kv_cache::KvCache::with_window_pool(layout, dtype, 0, &[]);
+            cache.write(0, &slots, &k, &v);
+            let (kc, vc) = (cache.k[0].as_slice(), cache.v[0].as_slice());
+            for window in [None, Some(SPAN + 44)] {
+                let p = AttnParams { num_heads: h, num_kv_heads: kvh, head_dim: d, block_size: bs, scale: 0.25, sliding_window: window, softcap: None, alibi_slopes: None };
+                // The f64 reference over the keys as the cache holds them.
+                let (mut kr, mut vr) = (vec![0f32; k.len()], vec![0f32; v.len()]);
+                for (dst, src) in [(&mut kr, &k), (&mut vr, &v)] {
+                    for (o, &x) in dst.iter_mut().zip(src.iter()) {
+                        *o = if dtype == crate::KvDtype::F16 { f16::from_f32(x).to_f32() } else { x };
+                    }
+                }
+                let want = naive(&q, &kr, &vr, ctx, 20, &p);
+                for kern in Kernel::available() {
+                    let attend = |seqs: &[SeqAttn<'_>], q: &[f32]| {
+                        let mut out = vec![f32::NAN; q.len()];
+                        paged_attention_on(kern, &pool, q, kc, vc, seqs, &p, &mut out);
+                        out
+                    };
+                    // Decode: the last query alone (2 items, split into 6), then in a batch
+                    // of 8 copies (16 items, not split).
+                    let last = &q[19 * row..];
+                    let alone = attend(&[SeqAttn { query_start: 0, query_len: 1, context_len: ctx, block_table: &table }], last);
+                    let seqs: Vec<SeqAttn<'_>> = (0..8).map(|i| SeqAttn { query_start: i, query_len: 1, context_len: ctx, block_table: &table }).collect();
+                    let batched = attend(&seqs, &last.repeat(8));
+                    for i in 0..8 {
+                        assert_eq!(batched[i * row..(i + 1) * row], alone[..], "{kern:?} {dtype:?} window {window:?}: decode batched");
+                    }
+                    for (a, b) in alone.iter().zip(&want[19 * row..]) {
+                        assert!((a - b).abs() < 1e-4, "{kern:?} {dtype:?} window {window:?}: decode {a} vs {b}");
+                    }
+                    // Prefill: the last 20 queries (blocks of 16 and 4: 4 items, split),
+                    // then beside 3 other sequences (16 items, not split).
+                    let alone = attend(&[SeqAttn { query_start: 0, query_len: 20, context_len: ctx, block_table: &table }], &q);
+                    let mut qs = q.clone();
+                    qs.extend(q.repeat(3));
+                    let seqs: Vec<SeqAttn<'_>> = (0..4).map(|i| SeqAttn { query_start: 20 * i, query_len: 20, context_len: ctx, block_table: &table }).collect();
+                    let batched = attend(&seqs, &qs);
+                    for i in 0..4 {
+                        assert_eq!(batched[i * 20 * row..(i + 1) * 20 * row], alone[..], "{kern:?} {dtype:?} window {window:?}: prefill batched");
+                    }
+                    for (a, b) in alone.iter().zip(&want) {
+                        assert!((a - b).abs() < 1e-4, "{kern:?} {dtype:?} window {window:?}: prefill {a} vs {b}");
+                    }
+                }
+            }
+        }
     }
 
     /// The softmax exponential within 2 ulp of e^x over its whole range, exact at 0.
