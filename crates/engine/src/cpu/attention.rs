@@ -102,13 +102,14 @@ pub fn paged_attention_on(
             }
         }
     }
-    // Too few items for the threads: every item whose keys cross a span boundary becomes
-    // one item per span, each writing its rows' states to `parts`.
+    // Too few items for the threads (and more than one thread): every item whose keys
+    // cross a span boundary becomes one item per span, each writing its rows' states to
+    // `parts`.
     let d = p.head_dim;
     let group = p.num_heads / p.num_kv_heads;
     let mut parts_len = 0;
     let mut merges = Vec::new();
-    if items.len() < SPLIT_BELOW * pool.threads() {
+    if pool.threads() > 1 && items.len() < SPLIT_BELOW * pool.threads() {
         let whole = std::mem::take(&mut items);
         for it in whole {
             let (first, last) = key_range(&seqs[it.s], p, it.qb);
@@ -894,7 +895,7 @@ mod tests {
 
     /// Long contexts: a sequence alone has too few items for the threads, so its items
     /// are split into spans whose states the caller merges; batched with enough other
-    /// sequences it is not split. Both give the same bits, on every path and cache dtype,
+    /// sequences, or on one thread, it is not split. Both give the same bits, on every path and cache dtype,
     /// for a decode query and a prefill chunk (one query block that crosses spans, one
     /// inside a span), with and without a sliding window that starts mid-span; and stay
     /// near the f64 reference.
@@ -909,7 +910,7 @@ mod tests {
         let layout = crate::kv_cache::KvLayout { num_layers: 1, num_blocks: ctx.div_ceil(bs), block_size: bs, num_kv_heads: kvh, head_dim: d };
         let table: Vec<u32> = (0..ctx.div_ceil(bs) as u32).collect();
         let slots: Vec<usize> = (0..ctx).collect();
-        let pool = ThreadPool::new(2);
+        let (pool, one) = (ThreadPool::new(2), ThreadPool::new(1));
         for dtype in [crate::KvDtype::F32, crate::KvDtype::F16] {
             let mut cache = crate::kv_cache::KvCache::with_window_pool(layout, dtype, 0, &[]);
             cache.write(0, &slots, &k, &v);
@@ -939,6 +940,11 @@ mod tests {
                     for i in 0..8 {
                         assert_eq!(batched[i * row..(i + 1) * row], alone[..], "{kern:?} {dtype:?} window {window:?}: decode batched");
                     }
+                    // One thread: never split.
+                    let mut serial = vec![f32::NAN; row];
+                    let seq = [SeqAttn { query_start: 0, query_len: 1, context_len: ctx, block_table: &table }];
+                    paged_attention_on(kern, &one, last, kc, vc, &seq, &p, &mut serial);
+                    assert_eq!(serial, alone, "{kern:?} {dtype:?} window {window:?}: decode on one thread");
                     for (a, b) in alone.iter().zip(&want[19 * row..]) {
                         assert!((a - b).abs() < 1e-4, "{kern:?} {dtype:?} window {window:?}: decode {a} vs {b}");
                     }
