@@ -506,12 +506,12 @@ mod x86 {
     pub const F_Q80: u8 = 1;
     pub const F_I8: u8 = 2;
 
-    /// Where a group's codes start: after its 16 `d` (Q8_0), none for I8.
-    const fn signed_codes(f: u8) -> usize {
-        if f == F_I8 {
-            0
-        } else {
-            32
+    /// The format a const parameter stands for.
+    const fn format(f: u8) -> super::A8Format {
+        match f {
+            F_Q41 => super::A8Format::Q4_1,
+            F_Q80 => super::A8Format::Q8_0,
+            _ => super::A8Format::I8,
         }
     }
 
@@ -560,7 +560,7 @@ mod x86 {
                 }
             } else {
                 for q in 0..8 {
-                    w[q] = _mm512_xor_si512(_mm512_loadu_si512(grp.add(signed_codes(F) + 64 * q) as *const _), flip);
+                    w[q] = _mm512_xor_si512(_mm512_loadu_si512(grp.add(format(F).head_bytes() + 64 * q) as *const _), flip);
                 }
             }
             for r in 0..MR {
@@ -614,7 +614,7 @@ mod x86 {
                 }
             } else {
                 for q in 0..8 {
-                    w[q] = _mm256_loadu_si256(grp.add(signed_codes(F) + 64 * q + 32 * h) as *const __m256i);
+                    w[q] = _mm256_loadu_si256(grp.add(format(F).head_bytes() + 64 * q + 32 * h) as *const __m256i);
                 }
             }
             for r in 0..MR {

@@ -123,7 +123,7 @@ pub fn paged_attention_on(
                 items.push(Item { span: Some((sp, parts_len)), ..it });
                 parts_len += rows * (d + 2);
             }
-            merges.push((it, at, last / SPAN - first / SPAN + 1));
+            merges.push((it, rows, at, last / SPAN - first / SPAN + 1));
         }
     }
     let mut parts = vec![0f32; parts_len];
@@ -152,9 +152,8 @@ pub fn paged_attention_on(
     // The split items' spans, merged in order, as one item would have merged them.
     let row = p.num_heads * d;
     let mut acc = vec![0f32; d];
-    for (it, at, spans) in merges {
+    for (it, rows, at, spans) in merges {
         let seq = &seqs[it.s];
-        let rows = QUERY_BLOCK.min(seq.query_len - it.qb) * group;
         for r in 0..rows {
             let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
             acc.fill(0.0);
