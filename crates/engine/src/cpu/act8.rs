@@ -91,6 +91,16 @@ impl A8Format {
         }
     }
 
+    /// Code `e` (0..32) of a column: which of its code words holds it, and the shift
+    /// that brings it to the word's low bits (Q4_1: word `q` holds codes `4q..4q+4` in
+    /// its low nibbles and `16 + 4q..` in its high ones; Q8_0 and I8: codes `4q..4q+4`).
+    const fn code_at(self, e: usize) -> (usize, u32) {
+        match self {
+            A8Format::Q4_1 => (e % 16 / 4, 8 * (e % 4) as u32 + if e >= 16 { 4 } else { 0 }),
+            A8Format::Q8_0 | A8Format::I8 => (e / 4, 8 * (e % 4) as u32),
+        }
+    }
+
     /// Where the bytes of column `c`'s GGUF block sit in its panel group, as (offset in
     /// the block, offset in the group, length): `d`, `m` (Q4_1), then each code word. The
     /// one definition of the layout that [`A8Weight::from_blocks`] and
@@ -329,6 +339,8 @@ pub(crate) unsafe fn gemm_a8_cols(kern: I8Kernel, (a, sums): (&QuantActs, &Group
         xs: sums.scaled.as_ptr(),
         xi: sums.codes.as_ptr(),
         kp: a.kp,
+        outliers: a.outliers.as_ptr(),
+        row_outliers: a.row_outliers.as_ptr(),
     };
     // The strip reads panels n0 / 16 ..= (n0 + cols - 1) / 16 (inside `w.panels`) and
     // m rows of activations; the kernels write only columns n0 .. n0 + cols.
@@ -350,48 +362,16 @@ pub(crate) unsafe fn gemm_a8_cols(kern: I8Kernel, (a, sums): (&QuantActs, &Group
         (I8Kernel::Avx2, A8Format::I8) => x86::gemm_avx2::<F_I8>(&strip, a.m, n0, cols, yt, n),
         (I8Kernel::Portable, _) => portable::gemm(&strip, a.m, n0, cols, yt, n),
     }
-    let out = Outliers { a, w: &strip, c0: n0, cols, y: yt, ldy: n };
-    match kern {
-        #[cfg(target_arch = "x86_64")]
-        I8Kernel::Avx2 | I8Kernel::Vnni => x86::outliers(&out),
-        I8Kernel::Portable => out.add(|p| f16_at(p)),
-    }
-}
-
-/// The f32 side of the outlier activations of a strip: `y[i, c] += x · w[c, col]`, in the
-/// order found, `w` as [`A8Strip::value`] computes it.
-struct Outliers<'a> {
-    a: &'a QuantActs,
-    w: &'a A8Strip,
-    /// The first column and the number of columns of the task.
-    c0: usize,
-    cols: usize,
-    /// Column `c0` of row 0.
-    y: *mut f32,
-    ldy: usize,
-}
-
-impl Outliers<'_> {
-    /// `half` widens an f16, as for [`A8Strip::value`].
-    #[inline(always)]
-    unsafe fn add(&self, half: impl Fn(*const u8) -> f32) {
-        for i in 0..self.a.m {
-            for &(col, v) in self.of_row(i) {
-                for c in 0..self.cols {
-                    *self.y.add(i * self.ldy + c) += v * self.w.value(self.c0 + c, col as usize, &half);
-                }
-            }
-        }
-    }
-
-    fn of_row(&self, i: usize) -> &[(u32, f32)] {
-        &self.a.outliers[self.a.row_outliers[i]..self.a.row_outliers[i + 1]]
-    }
 }
 
 /// What a kernel reads: the panels of a weight (and its `I8` column scales) and the
-/// activations (`m` rows of `kp` codes, and per row and group the scale `sx` and the
-/// [`GroupSums`] `xs` and `xi`).
+/// activations (`m` rows of `kp` codes, per row and group the scale `sx` and the
+/// [`GroupSums`] `xs` and `xi`, and the outliers of [`QuantActs`]).
+///
+/// Every path adds a row's outliers to each output as the last step before storing it,
+/// `y += x · w[j, col]` (a multiply, then an add) in the order found, `w` as
+/// [`A8Strip::value`] computes it: the panel is still in L1 (a separate pass read the
+/// weights and `y` again, and took 7% of a decode profile).
 pub struct A8Strip {
     pub w: *const u8,
     pub scales: *const f32,
@@ -402,6 +382,9 @@ pub struct A8Strip {
     pub xs: *const f32,
     pub xi: *const i32,
     pub kp: usize,
+    pub outliers: *const (u32, f32),
+    /// `m + 1` offsets: row `i`'s outliers are `outliers[row_outliers[i]..row_outliers[i + 1]]`.
+    pub row_outliers: *const usize,
 }
 
 impl A8Strip {
@@ -416,6 +399,8 @@ impl A8Strip {
         xs: std::ptr::null(),
         xi: std::ptr::null(),
         kp: 0,
+        outliers: std::ptr::null(),
+        row_outliers: std::ptr::null(),
     };
 
     /// Group `g` of panel `p`: its scales, then its codes.
@@ -427,15 +412,19 @@ impl A8Strip {
     /// Code `e` (0..32) of column `c` (0..16) in the group at `grp`.
     #[inline(always)]
     unsafe fn code(&self, grp: *const u8, c: usize, e: usize) -> i32 {
-        let codes = grp.add(self.format.head_bytes());
+        let (word, shift) = self.format.code_at(e);
+        let w = (grp.add(self.format.head_bytes() + 64 * word + 4 * c) as *const u32).read_unaligned();
         match self.format {
-            // Word q of a Q4_1 block holds codes 4q..4q+4 (low nibbles), 4q+16.. (high).
-            A8Format::Q4_1 => {
-                let b = *codes.add(64 * (e % 16 / 4) + 4 * c + e % 4);
-                (if e < 16 { b & 0x0f } else { b >> 4 }) as i32
-            }
-            A8Format::Q8_0 | A8Format::I8 => *codes.add(64 * (e / 4) + 4 * c + e % 4) as i8 as i32,
+            A8Format::Q4_1 => (w >> shift & 0x0f) as i32,
+            A8Format::Q8_0 | A8Format::I8 => ((w << (24 - shift)) as i32) >> 24,
         }
+    }
+
+    /// Row `i`'s outliers, (column, value) in the order found.
+    #[inline(always)]
+    unsafe fn row_outliers(&self, i: usize) -> &[(u32, f32)] {
+        let (a, b) = (*self.row_outliers.add(i), *self.row_outliers.add(i + 1));
+        std::slice::from_raw_parts(self.outliers.add(a), b - a)
     }
 
     /// Weight `col` of output column `j` as f32: `d·q + m` (a multiply, then an add),
@@ -487,6 +476,9 @@ mod portable {
                 }
                 if s.format == A8Format::I8 {
                     acc *= *s.scales.add(j);
+                }
+                for &(col, v) in s.row_outliers(i) {
+                    acc += v * s.value(j, col as usize, |p| f16_at(p));
                 }
                 *y.add(i * ldy + j - c0) = acc;
             }
@@ -588,7 +580,30 @@ mod x86 {
                 acc[r] = _mm512_mul_ps(acc[r], sw);
             }
         }
+        for r in 0..MR {
+            for &(col, v) in s.row_outliers(i0 + r) {
+                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_set1_ps(v), column512::<F>(s, p, col as usize)));
+            }
+        }
         acc
+    }
+
+    /// Weight `col` of panel `p`'s sixteen columns, as [`A8Strip::value`] computes it
+    /// (`d·q + m` as a multiply then an add): the code word of every column is one load.
+    #[inline(always)]
+    unsafe fn column512<const F: u8>(s: &A8Strip, p: usize, col: usize) -> __m512 {
+        let grp = s.group(p, col / 32);
+        let (word, shift) = format(F).code_at(col % 32);
+        let words = _mm512_loadu_si512(grp.add(format(F).head_bytes() + 64 * word) as *const _);
+        if F == F_Q41 {
+            let q = _mm512_and_si512(_mm512_srl_epi32(words, _mm_cvtsi32_si128(shift as i32)), _mm512_set1_epi32(0x0f));
+            let (d, m) = (_mm512_cvtph_ps(_mm256_loadu_si256(grp as *const __m256i)), _mm512_cvtph_ps(_mm256_loadu_si256(grp.add(32) as *const __m256i)));
+            _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m)
+        } else {
+            let q = _mm512_srai_epi32::<24>(_mm512_sll_epi32(words, _mm_cvtsi32_si128(24 - shift as i32)));
+            let d = if F == F_I8 { _mm512_loadu_ps(s.scales.add(p * PANEL)) } else { _mm512_cvtph_ps(_mm256_loadu_si256(grp as *const __m256i)) };
+            _mm512_mul_ps(d, _mm512_cvtepi32_ps(q))
+        }
     }
 
     /// Eight columns (half `h` of panel `p`) on AVX2, as [`panel_vnni`] computes them: Q4_1
@@ -648,7 +663,34 @@ mod x86 {
                 acc[r] = _mm256_mul_ps(acc[r], sw);
             }
         }
+        for r in 0..MR {
+            for &(col, v) in s.row_outliers(i0 + r) {
+                acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_set1_ps(v), column256::<F>(s, p, h, col as usize)));
+            }
+        }
         acc
+    }
+
+    /// As [`column512`], for the eight columns of half `h` of panel `p`.
+    #[inline(always)]
+    unsafe fn column256<const F: u8>(s: &A8Strip, p: usize, h: usize, col: usize) -> __m256 {
+        let grp = s.group(p, col / 32);
+        let (word, shift) = format(F).code_at(col % 32);
+        let words = _mm256_loadu_si256(grp.add(format(F).head_bytes() + 64 * word + 32 * h) as *const __m256i);
+        if F == F_Q41 {
+            let q = _mm256_and_si256(_mm256_srl_epi32(words, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi32(0x0f));
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16 * h) as *const __m128i));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(32 + 16 * h) as *const __m128i));
+            _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m)
+        } else {
+            let q = _mm256_srai_epi32::<24>(_mm256_sll_epi32(words, _mm_cvtsi32_si128(24 - shift as i32)));
+            let d = if F == F_I8 {
+                _mm256_loadu_ps(s.scales.add(p * PANEL + 8 * h))
+            } else {
+                _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16 * h) as *const __m128i))
+            };
+            _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
+        }
     }
 
     #[inline(always)]
@@ -726,79 +768,6 @@ mod x86 {
                             1
                         }
                     };
-                }
-            }
-        }
-    }
-
-    /// Weight `col` of the task's columns into `dst[..cols]`, eight columns of a panel at
-    /// a time from the code words of its group (no gathers: a quad's words sit side by
-    /// side), `d·q + m` as a multiply then an add, as [`A8Strip::value`] computes it.
-    #[inline(always)]
-    unsafe fn weight_column(o: &super::Outliers<'_>, col: usize, dst: &mut [f32]) {
-        let s = o.w;
-        let q41 = s.format == super::A8Format::Q4_1;
-        let i8 = s.format == super::A8Format::I8;
-        let (g, e) = (col / 32, col % 32);
-        // The word of the code and where the code sits in it.
-        let (word, shift) = if q41 { (e % 16 / 4, 8 * (e % 4) + if e >= 16 { 4 } else { 0 }) } else { (e / 4, 8 * (e % 4)) };
-        let codes = s.format.head_bytes() + 64 * word;
-        for (p, _) in panels(o.c0, o.cols) {
-            let grp = s.group(p, g);
-            let mut v = [0f32; PANEL];
-            for h in 0..2 {
-                let d = if i8 {
-                    _mm256_loadu_ps(s.scales.add(p * PANEL + 8 * h))
-                } else {
-                    _mm256_cvtph_ps(_mm_loadu_si128(grp.add(16 * h) as *const __m128i))
-                };
-                let words = _mm256_loadu_si256(grp.add(codes + 32 * h) as *const __m256i);
-                let wv = if q41 {
-                    let q = _mm256_and_si256(_mm256_srl_epi32(words, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi32(0x0f));
-                    let mv = _mm256_cvtph_ps(_mm_loadu_si128(grp.add(32 + 16 * h) as *const __m128i));
-                    _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), mv)
-                } else {
-                    let q = _mm256_srai_epi32::<24>(_mm256_sll_epi32(words, _mm_cvtsi32_si128(24 - shift as i32)));
-                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
-                };
-                _mm256_storeu_ps(v.as_mut_ptr().add(8 * h), wv);
-            }
-            let (lo, hi) = (o.c0.max(p * PANEL), (o.c0 + o.cols).min(p * PANEL + PANEL));
-            dst[lo - o.c0..hi - o.c0].copy_from_slice(&v[lo - p * PANEL..hi - p * PANEL]);
-        }
-    }
-
-    /// The outliers: each distinct outlier column's weights decoded once
-    /// ([`weight_column`]; a batch's tokens put their outliers in the same few channels),
-    /// then `y + x·w` over the columns, a multiply then an add, eight at a time, in the
-    /// scalar path's order, so the bits are those of [`super::Outliers::add`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn outliers(o: &super::Outliers<'_>) {
-        if o.a.outliers.is_empty() {
-            return;
-        }
-        let (cols, cols8) = (o.cols, o.cols / 8 * 8);
-        let (mut seen, mut wbuf): (Vec<u32>, Vec<f32>) = (Vec::new(), Vec::new());
-        for i in 0..o.a.m {
-            for &(col, v) in o.of_row(i) {
-                let at = match seen.iter().position(|&c| c == col) {
-                    Some(at) => at,
-                    None => {
-                        seen.push(col);
-                        wbuf.resize(seen.len() * cols, 0.0);
-                        weight_column(o, col as usize, &mut wbuf[(seen.len() - 1) * cols..]);
-                        seen.len() - 1
-                    }
-                };
-                let wc = &wbuf[at * cols..(at + 1) * cols];
-                let vv = _mm256_set1_ps(v);
-                let y = o.y.add(i * o.ldy);
-                for c in (0..cols8).step_by(8) {
-                    let yc = y.add(c);
-                    _mm256_storeu_ps(yc, _mm256_add_ps(_mm256_loadu_ps(yc), _mm256_mul_ps(vv, _mm256_loadu_ps(wc.as_ptr().add(c)))));
-                }
-                for c in cols8..cols {
-                    *y.add(c) += v * wc[c];
                 }
             }
         }
