@@ -507,6 +507,135 @@ fn max_of(v: &[f32]) -> f32 {
     lanes.iter().fold(m, |a, &x| pick(a, x))
 }
 
+/// Where [`Pv`] reads a tile's V: values `c .. c + W` of key `j` of the tile, as f32.
+trait VRows {
+    fn vals<const W: usize>(&self, j: usize, c: usize) -> [f32; W];
+}
+
+/// V read in place in the cache: key `j`'s row of the KV head starts at `rows[j]`
+/// (widened from f16 in registers; the values a copy would hold).
+struct InPlace<T, W> {
+    rows: [*const T; TILE],
+    _widen: std::marker::PhantomData<W>,
+}
+
+impl<T, W> InPlace<T, W> {
+    /// Row pointers at `offs` (for the keys that are read) into `v`, each checked to
+    /// hold `d` values.
+    #[inline(always)]
+    fn new(v: &[T], offs: &[usize; TILE], keys: std::ops::Range<usize>, d: usize) -> Self {
+        let mut rows = [v.as_ptr(); TILE];
+        for j in keys {
+            rows[j] = v[offs[j]..offs[j] + d].as_ptr();
+        }
+        InPlace { rows, _widen: std::marker::PhantomData }
+    }
+}
+
+impl<W: Widen> VRows for InPlace<f16, W> {
+    #[inline(always)]
+    fn vals<const N: usize>(&self, j: usize, c: usize) -> [f32; N] {
+        let mut v = [0f32; N];
+        // SAFETY: `new` checked that the row holds `d` values; `c + N <= d`.
+        unsafe {
+            let src = self.rows[j].add(c);
+            if N.is_multiple_of(16) {
+                for k in (0..N).step_by(16) {
+                    W::widen16(src.add(k), v.as_mut_ptr().add(k));
+                }
+            } else {
+                W::widen(std::slice::from_raw_parts(src, N), &mut v);
+            }
+        }
+        v
+    }
+}
+
+impl<W> VRows for InPlace<f32, W> {
+    #[inline(always)]
+    fn vals<const N: usize>(&self, j: usize, c: usize) -> [f32; N] {
+        let mut v = [0f32; N];
+        // SAFETY: as for f16.
+        unsafe { std::ptr::copy_nonoverlapping(self.rows[j].add(c), v.as_mut_ptr(), N) };
+        v
+    }
+}
+
+/// One tile's `acc = acc · corr + Σ_j w_j · V_j` for rows that see the same keys of it.
+struct Pv<'a, V> {
+    /// Per row, [`TILE`] weights (those at `keys` set).
+    wts: &'a [f32],
+    corrs: &'a [f32],
+    v: &'a V,
+    d: usize,
+    keys: std::ops::Range<usize>,
+}
+
+impl<V: VRows> Pv<'_, V> {
+    /// Every query's rows of a tile (rows `qi * group ..` see keys `keys(qi)` of it, if any).
+    #[inline(always)]
+    fn tile(&mut self, acc: &mut [f32], qn: usize, group: usize, keys: impl Fn(usize) -> Option<std::ops::Range<usize>>) {
+        for qi in 0..qn {
+            let Some(ks) = keys(qi) else { continue };
+            self.keys = ks;
+            let mut h = 0;
+            while h < group {
+                let r0 = qi * group + h;
+                h += match group - h {
+                    4.. => self.rows::<4>(acc, r0),
+                    3 => self.rows::<3>(acc, r0),
+                    2 => self.rows::<2>(acc, r0),
+                    _ => self.rows::<1>(acc, r0),
+                };
+            }
+        }
+    }
+
+    /// Rows `r0 .. r0 + N` of `acc` (`d` apart); returns `N`. Per value the operations
+    /// are those of one row alone (a multiply by `corr`, then `+= w · v` key by key),
+    /// but 64 of each row's values stay in registers across the keys and each V value
+    /// is loaded once for the `N` rows: a row at a time, each key's update waited on
+    /// the previous one's store.
+    #[inline(always)]
+    fn rows<const N: usize>(&self, acc: &mut [f32], r0: usize) -> usize {
+        let mut c = 0;
+        while c < self.d {
+            c += match self.d - c {
+                64.. => self.chunk::<N, 64>(acc, r0, c),
+                16.. => self.chunk::<N, 16>(acc, r0, c),
+                _ => self.chunk::<N, 1>(acc, r0, c),
+            };
+        }
+        N
+    }
+
+    /// Values `c .. c + W` of the rows; returns `W`.
+    #[inline(always)]
+    fn chunk<const N: usize, const W: usize>(&self, acc: &mut [f32], r0: usize, c: usize) -> usize {
+        let d = self.d;
+        let mut a = [[0f32; W]; N];
+        for (i, ai) in a.iter_mut().enumerate() {
+            let (src, corr) = (&acc[(r0 + i) * d + c..][..W], self.corrs[r0 + i]);
+            for (x, &v) in ai.iter_mut().zip(src) {
+                *x = v * corr;
+            }
+        }
+        for j in self.keys.clone() {
+            let v: [f32; W] = self.v.vals::<W>(j, c);
+            for (i, ai) in a.iter_mut().enumerate() {
+                let w = self.wts[(r0 + i) * TILE + j];
+                for (x, &v) in ai.iter_mut().zip(&v) {
+                    *x += w * v;
+                }
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            acc[(r0 + i) * d + c..][..W].copy_from_slice(ai);
+        }
+        W
+    }
+}
+
 /// No FMA contraction happens in Rust, so this computes the same bits on every path.
 ///
 /// The item's queries (up to [`QUERY_BLOCK`] of one sequence) and the query heads of KV
@@ -534,10 +663,14 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
         let (t, qh) = (seq.query_start + qb + r / group, g * group + r % group);
         &q[t * row + qh * d..t * row + (qh + 1) * d]
     };
-    let (mut kt, mut vt) = (vec![0f32; d * TILE], vec![0f32; TILE * d]);
+    let mut kt = vec![0f32; d * TILE];
+    // Where each key's V row of the tile starts in the cache.
+    let mut voffs = [0usize; TILE];
     let mut acc = vec![0f32; rows * d];
     let mut mx = vec![f32::NEG_INFINITY; rows];
     let mut den = vec![0f32; rows];
+    // Per row, the tile's softmax weights (at the keys it sees) and its correction.
+    let (mut wts, mut corrs) = (vec![0f32; rows * TILE], vec![0f32; rows]);
     // The spans merged so far (items that walk every span).
     let (mut m_acc, mut m_mx, mut m_den) = (vec![0f32; rows * d], vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
     let mut merge = |acc: &mut [f32], mx: &mut [f32], den: &mut [f32]| {
@@ -583,7 +716,9 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
             if !whole {
                 load_runs::<W>(kc, lay.k_index(slot0, g, 0), bs, d, n, &mut kt[j..], TILE);
             }
-            load_runs::<W>(vc, lay.v_index(slot0, g, 0), lay.v_index(1, 0, 0), n, d, &mut vt[j * d..], d);
+            for i in 0..n {
+                voffs[j + i] = lay.v_index(slot0 + i, g, 0);
+            }
         }
         let mut r = 0;
         while r < rows {
@@ -631,25 +766,34 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
                 // Online softmax update.
                 let tmax = max_of(sc);
                 let new_max = mx[rr].max(tmax);
-                let corr = if mx[rr] == f32::NEG_INFINITY { 0.0 } else { exp_neg(mx[rr] - new_max) };
+                corrs[rr] = if mx[rr] == f32::NEG_INFINITY { 0.0 } else { exp_neg(mx[rr] - new_max) };
                 for v in sc.iter_mut() {
                     *v = exp_neg(*v - new_max);
                 }
                 let sum = sc.iter().fold(0f32, |s, &v| s + v);
-                den[rr] = den[rr] * corr + sum;
+                den[rr] = den[rr] * corrs[rr] + sum;
                 mx[rr] = new_max;
-                let acc = &mut acc[rr * d..(rr + 1) * d];
-                for v in acc.iter_mut() {
-                    *v *= corr;
-                }
-                for (j, &w) in sc.iter().enumerate() {
-                    let vrow = &vt[(ja + j) * d..(ja + j + 1) * d];
-                    for (o, &v) in acc.iter_mut().zip(vrow) {
-                        *o += w * v;
-                    }
-                }
+                wts[rr * TILE + ja..rr * TILE + jb].copy_from_slice(sc);
             }
             r += take;
+        }
+        // acc = acc · corr + Σ_j w_j · V_j, the query heads of one query (the same keys)
+        // together, so each V value read serves all of them; V read in place.
+        let keys = |qi: usize| {
+            let pos = first_pos + qi;
+            let (a, b) = (tile_start.max(lo_of(pos)), (tile_start + TILE).min(pos + 1));
+            (a < b).then(|| a - tile_start..b - tile_start)
+        };
+        let seen = la - tile_start..lb - tile_start;
+        match vc {
+            KvSlice::F16(v) => {
+                let v = InPlace::<f16, W>::new(v, &voffs, seen, d);
+                Pv { wts: &wts, corrs: &corrs, v: &v, d, keys: 0..0 }.tile(&mut acc, qn, group, keys)
+            }
+            KvSlice::F32(v) => {
+                let v = InPlace::<f32, W>::new(v, &voffs, seen, d);
+                Pv { wts: &wts, corrs: &corrs, v: &v, d, keys: 0..0 }.tile(&mut acc, qn, group, keys)
+            }
         }
         tile_start += TILE;
     }
