@@ -29,6 +29,7 @@
 use half::f16;
 
 use super::matmul::Kernel;
+use super::ops::exp_poly;
 use crate::kv_cache::{KvLayout, KvSlice};
 use crate::threadpool::ThreadPool;
 
@@ -470,24 +471,10 @@ fn score_rows<'q, const R: usize, K: KTile>(q_row: &impl Fn(usize) -> &'q [f32],
     }
 }
 
-/// `e^x` for x <= 0 (softmax arguments), in plain multiplies and adds so that loops of it
-/// vectorize and every path rounds alike: x = n·ln2 + r with n rounded to nearest by the
-/// 1.5·2^23 trick, Cephes' degree-6 polynomial for e^r (about 1 ulp), 2^n from the
-/// exponent bits. Below -87.3 (where e^x leaves the normal range) it gives e^-87.3.
+/// `e^x` for the softmax's x <= 0: [`exp_poly`] (the same bits on every path).
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.3);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    exp_poly(x)
 }
 
 /// The largest of `v` (`-inf` when empty; NaNs never win), in 16 lanes and then across
@@ -1107,20 +1094,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// The softmax exponential within 2 ulp of e^x over its whole range, exact at 0.
-    #[test]
-    fn exp_neg_is_accurate() {
-        assert_eq!(exp_neg(0.0), 1.0);
-        let mut worst = 0f64;
-        for i in 0..=2_000_000 {
-            let x = -87.0 * i as f32 / 2e6;
-            let want = (x as f64).exp();
-            worst = worst.max(((exp_neg(x) as f64 - want) / want).abs());
-        }
-        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
-        assert!(exp_neg(-1000.0) < 1e-37 && exp_neg(f32::NEG_INFINITY) < 1e-37);
     }
 
     /// Every instruction-set path this CPU has gives the bits of the portable one, on
