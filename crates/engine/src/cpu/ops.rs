@@ -43,16 +43,18 @@ fn sum_sq(x: &[f32]) -> f32 {
 
 /// `e^x` in plain multiplies and adds, so that loops of it vectorize and every path rounds
 /// alike: x = n·ln2 + r with n rounded to nearest by the 1.5·2^23 trick, Cephes' degree-6
-/// polynomial for e^r (about 1 ulp), 2^n from the exponent bits. x is first clamped to
-/// -87.3 ..= 88.3, where e^x is a normal float (NaN becomes -87.3): below, it gives
-/// e^-87.3; above, e^88.3 (no infinity).
+/// polynomial for e^r (about 1 ulp), 2^n put together in the exponent bits. x is first
+/// clamped to -87.3 ..= 88.3, where e^x is a normal float (NaN becomes -87.3): below, it
+/// gives e^-87.3; above, e^88.3 (no infinity).
 #[inline(always)]
 // Not `clamp`: that keeps NaN, and a NaN exponent would make 2^n garbage.
 #[allow(clippy::manual_clamp)]
 pub fn exp_poly(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let x = x.max(-87.3).min(88.3);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // t = 1.5·2^23 + n: its bits are 0x4B40_0000 + n, whose low nine bits give 2^n below.
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * 0.693_359_4) - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -61,7 +63,9 @@ pub fn exp_poly(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let e = p * (r * r) + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // (n + 127) << 23 without a float-to-int conversion (a saturating `as` stays one
+    // scalar convert per value; integer adds and shifts vectorize).
+    e * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`, `silu(g) = g / (1 + e^-g)` with [`exp_poly`]: a
