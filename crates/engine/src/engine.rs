@@ -377,7 +377,7 @@ impl EngineLoop {
         if !out.preempted.is_empty() {
             self.stats.num_preemptions_total.fetch_add(out.preempted.len() as u64, Ordering::Relaxed);
         }
-        let logits = match self.forward(&out) {
+        let mut logits = match self.forward(&out) {
             Ok(l) => l,
             Err(e) => {
                 // A device failure ends the step's requests; the others and the engine go on.
@@ -394,8 +394,8 @@ impl EngineLoop {
         let mut events = Vec::new();
         for (row, s) in out.seqs.iter().filter(|s| s.sample).enumerate() {
             let Some(r) = self.reqs.get_mut(&s.id) else { continue };
-            let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
-            let (tok, lp) = sampler::sample(&mut l, &r.params, &mut r.sampler);
+            // Each row is sampled once: penalties and bias change it in place, no copy.
+            let (tok, lp) = sampler::sample(&mut logits[row * vocab..(row + 1) * vocab], &r.params, &mut r.sampler);
             r.sampler.record(tok);
             sampled.insert(s.id, tok);
             events.push((s.id, tok, lp));

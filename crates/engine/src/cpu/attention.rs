@@ -29,7 +29,7 @@
 use half::f16;
 
 use super::matmul::Kernel;
-use super::ops::exp_poly;
+use super::ops::{exp_poly, max_of};
 use crate::kv_cache::{KvLayout, KvSlice};
 use crate::threadpool::ThreadPool;
 
@@ -475,23 +475,6 @@ fn score_rows<'q, const R: usize, K: KTile>(q_row: &impl Fn(usize) -> &'q [f32],
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
     exp_poly(x)
-}
-
-/// The largest of `v` (`-inf` when empty; NaNs never win), in 16 lanes and then across
-/// them: a maximum is exact, so this is the value a left-to-right fold gives, without its
-/// chain of dependent compares.
-#[inline(always)]
-fn max_of(v: &[f32]) -> f32 {
-    let pick = |m: f32, x: f32| if x > m { x } else { m };
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = v.chunks_exact(16);
-    for c in &mut chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = pick(*m, x);
-        }
-    }
-    let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| pick(m, x));
-    lanes.iter().fold(m, |a, &x| pick(a, x))
 }
 
 /// Where [`Pv`] reads a tile's V: values `c .. c + W` of key `j` of the tile, as f32.

@@ -68,6 +68,23 @@ pub fn exp_poly(x: f32) -> f32 {
     e * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
+/// The largest of `v` (`-inf` when empty; NaNs never win), in 16 lanes and then across
+/// them: a maximum is exact, so this is the value a left-to-right fold gives, without its
+/// chain of dependent compares.
+#[inline(always)]
+pub fn max_of(v: &[f32]) -> f32 {
+    let pick = |m: f32, x: f32| if x > m { x } else { m };
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = pick(*m, x);
+        }
+    }
+    let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| pick(m, x));
+    lanes.iter().fold(m, |a, &x| pick(a, x))
+}
+
 /// `gate[i] = silu(gate[i]) * up[i]`, `silu(g) = g / (1 + e^-g)` with [`exp_poly`]: a
 /// loop that vectorizes (libm's `expf`, a call per value, was 3% of a decode step's
 /// time on the calling thread), on the widest registers the CPU has; the same bits on
@@ -105,6 +122,39 @@ fn gated_on(kern: super::matmul::Kernel, gate: &mut [f32], up: &[f32], act: impl
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => unsafe { gated_avx2(gate, up, act) },
         Kernel::Portable => gated_body(gate, up, act),
+    }
+}
+
+/// `out[i] = f(x[i])` on the widest registers `kern` has (`f` inlined into each path).
+#[inline(always)]
+pub fn map_on(kern: super::matmul::Kernel, x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    use super::matmul::Kernel;
+    match kern {
+        // SAFETY: `Kernel::available` found these features.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { map_avx512(x, out, f) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { map_avx2(x, out, f) },
+        Kernel::Portable => map_body(x, out, f),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn map_avx512(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    map_body(x, out, f)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn map_avx2(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    map_body(x, out, f)
+}
+
+#[inline(always)]
+fn map_body(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f(v);
     }
 }
 
