@@ -21,7 +21,8 @@ use crate::kv_cache::{KvCache, KvDtype, KvLayout};
 use crate::loader;
 use crate::lora::{AdapterRows, LoraAdapter};
 use crate::model::{BatchInput, LlamaModel, SeqInput};
-use crate::request::{FinishInfo, FinishReason, SamplingParams, TokenEvent};
+use crate::cpu::SyncPtr;
+use crate::request::{FinishInfo, FinishReason, SamplingParams, TokenEvent, TokenLogprob};
 use crate::sampler::{self, SamplerState};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use crate::stop::StopMatcher;
@@ -390,15 +391,33 @@ impl EngineLoop {
             }
         };
         let vocab = self.model.config.vocab_size;
+        // The sampled rows with their requests' states, sampled across the pool (top-p on a
+        // long tail takes ~0.5 ms a row, and a step may sample dozens of rows); each row is
+        // sampled once, so penalties and bias change it in place. Every request's RNG
+        // serves its own row only: the same seed gives the same tokens.
+        let row_of: HashMap<RequestId, usize> = out.seqs.iter().filter(|s| s.sample).enumerate().map(|(row, s)| (s.id, row)).collect();
+        let mut jobs: Vec<(usize, RequestId, &mut ReqOut)> =
+            self.reqs.iter_mut().filter_map(|(id, r)| row_of.get(id).map(|&row| (row, *id, r))).collect();
+        jobs.sort_unstable_by_key(|j| j.0);
+        let mut results: Vec<Option<(u32, Option<TokenLogprob>)>> = (0..jobs.len()).map(|_| None).collect();
+        let (jp, lp, rp) = (SyncPtr(jobs.as_mut_ptr()), SyncPtr(logits.as_mut_ptr()), SyncPtr(results.as_mut_ptr()));
+        self.pool.run(jobs.len(), &|i| {
+            let _ = (&jp, &lp, &rp);
+            // SAFETY: task i touches only job i (a request of its own), the logits row of
+            // that job (rows differ) and result i; all outlive the call.
+            unsafe {
+                let (row, _, r) = &mut *jp.0.add(i);
+                let l = std::slice::from_raw_parts_mut(lp.0.add(*row * vocab), vocab);
+                *rp.0.add(i) = Some(sampler::sample(l, &r.params, &mut r.sampler));
+            }
+        });
         let mut sampled = HashMap::new();
         let mut events = Vec::new();
-        for (row, s) in out.seqs.iter().filter(|s| s.sample).enumerate() {
-            let Some(r) = self.reqs.get_mut(&s.id) else { continue };
-            // Each row is sampled once: penalties and bias change it in place, no copy.
-            let (tok, lp) = sampler::sample(&mut logits[row * vocab..(row + 1) * vocab], &r.params, &mut r.sampler);
+        for ((_, id, r), res) in jobs.into_iter().zip(results) {
+            let (tok, lp) = res.expect("the pool ran every sampling task");
             r.sampler.record(tok);
-            sampled.insert(s.id, tok);
-            events.push((s.id, tok, lp));
+            sampled.insert(id, tok);
+            events.push((id, tok, lp));
         }
         self.sched.update(&out, &sampled);
         let now = Instant::now();
