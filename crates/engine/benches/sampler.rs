@@ -1,5 +1,6 @@
 //! Sampling one token from a row of logits the size of the default model's vocabulary
-//! (49,152), as the engine thread does for every sampled sequence of a step: greedy, plain
+//! (49,152), as the engine does for every sampled sequence of a step (rows spread over its
+//! pool; this is one row on one thread): greedy, plain
 //! temperature, and the top-p / top-k / min-p cuts, on a flat distribution (many
 //! candidates: the worst case for top-p) and a peaked one (a model's usual shape).
 //!

@@ -400,6 +400,8 @@ impl EngineLoop {
             self.reqs.iter_mut().filter_map(|(id, r)| row_of.get(id).map(|&row| (row, *id, r))).collect();
         jobs.sort_unstable_by_key(|j| j.0);
         let mut results: Vec<Option<(u32, Option<TokenLogprob>)>> = (0..jobs.len()).map(|_| None).collect();
+        // The rows the tasks slice without a bounds check.
+        assert!(jobs.iter().all(|j| (j.0 + 1) * vocab <= logits.len()), "forward returned too few logits rows");
         let (jp, lp, rp) = (SyncPtr(jobs.as_mut_ptr()), SyncPtr(logits.as_mut_ptr()), SyncPtr(results.as_mut_ptr()));
         self.pool.run(jobs.len(), &|i| {
             let _ = (&jp, &lp, &rp);

@@ -820,7 +820,7 @@ mod tests {
                 let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                 if k >= 64 {
                     // Massive activations: a column of each even row's own, and one that
-                    // several rows share (its weights are decoded once per task).
+                    // several rows share.
                     for i in (0..m).step_by(2) {
                         x[i * k + (i * 7) % k] = 40.0;
                         if k >= 512 {

@@ -544,9 +544,11 @@ struct Pv<'a, V> {
 impl<V: VRows> Pv<'_, V> {
     /// Every query's rows of a tile (rows `qi * group ..` see keys `keys(qi)` of it, if any).
     #[inline(always)]
-    fn tile(&mut self, acc: &mut [f32], qn: usize, group: usize, keys: impl Fn(usize) -> Option<std::ops::Range<usize>>) {
+    fn tile(&mut self, acc: &mut [f32], qn: usize, group: usize, keys: impl Fn(usize) -> Option<std::ops::Range<usize>>, seen: std::ops::Range<usize>) {
         for qi in 0..qn {
             let Some(ks) = keys(qi) else { continue };
+            // Only the keys some query sees have V rows set ([`InPlace::new`]).
+            debug_assert!(seen.start <= ks.start && ks.end <= seen.end, "query keys {ks:?} outside {seen:?}");
             self.keys = ks;
             let mut h = 0;
             while h < group {
@@ -609,8 +611,9 @@ impl<V: VRows> Pv<'_, V> {
 /// No FMA contraction happens in Rust, so this computes the same bits on every path.
 ///
 /// The item's queries (up to [`QUERY_BLOCK`] of one sequence) and the query heads of KV
-/// head `g` walk the key tiles together: each tile's K (transposed) and V rows are copied
-/// (widened from f16) once for all of them. Per (query, head) the tiles,
+/// head `g` walk the key tiles together: each tile's K (transposed) and V rows are read
+/// once for all of them (in place, widened from f16 in registers, where the tile is two
+/// whole blocks of K, and always for V; else K is copied). Per (query, head) the tiles,
 /// the lanes it uses and the order of every operation are those of that query alone.
 /// The softmax state restarts at each [`SPAN`] and is [`fold`]ed into the merged one; a
 /// span item ([`Part`]) walks its span only and leaves its state unmerged.
@@ -757,12 +760,12 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
         let seen = la - tile_start..lb - tile_start;
         match vc {
             KvSlice::F16(v) => {
-                let v = InPlace::<f16, W>::new(v, &voffs, seen, d);
-                Pv { wts: &wts, corrs: &corrs, v: &v, d, keys: 0..0 }.tile(&mut acc, qn, group, keys)
+                let v = InPlace::<f16, W>::new(v, &voffs, seen.clone(), d);
+                Pv { wts: &wts, corrs: &corrs, v: &v, d, keys: 0..0 }.tile(&mut acc, qn, group, keys, seen)
             }
             KvSlice::F32(v) => {
-                let v = InPlace::<f32, W>::new(v, &voffs, seen, d);
-                Pv { wts: &wts, corrs: &corrs, v: &v, d, keys: 0..0 }.tile(&mut acc, qn, group, keys)
+                let v = InPlace::<f32, W>::new(v, &voffs, seen.clone(), d);
+                Pv { wts: &wts, corrs: &corrs, v: &v, d, keys: 0..0 }.tile(&mut acc, qn, group, keys, seen)
             }
         }
         tile_start += TILE;

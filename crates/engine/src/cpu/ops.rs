@@ -95,7 +95,8 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 
 /// [`silu_mul`] on a given instruction-set path.
 pub fn silu_mul_on(kern: super::matmul::Kernel, gate: &mut [f32], up: &[f32]) {
-    gated_on(kern, gate, up, |g| g / (1.0 + exp_poly(-g)))
+    // Below -88.3 the clamped e^-g would leave g / 2.3e38, not ~0 (-1e38 would give -0.44).
+    gated_on(kern, gate, up, |g| if g < -88.3 { -0.0 } else { g / (1.0 + exp_poly(-g)) })
 }
 
 /// `gate[i] = gelu_tanh(gate[i]) * up[i]` (GeGLU), `gelu_tanh(x) = x / (1 + e^-2y)` with
@@ -108,7 +109,11 @@ pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
 /// [`gelu_tanh_mul`] on a given instruction-set path.
 pub fn gelu_tanh_mul_on(kern: super::matmul::Kernel, gate: &mut [f32], up: &[f32]) {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    gated_on(kern, gate, up, |x| x / (1.0 + exp_poly(-2.0 * (C * (x + 0.044715 * x * x * x)))))
+    gated_on(kern, gate, up, |x| {
+        let z = -2.0 * (C * (x + 0.044715 * x * x * x));
+        // As for SiLU: far below zero the value is ~0, not x / 2.3e38.
+        if z > 88.3 { -0.0 } else { x / (1.0 + exp_poly(z)) }
+    })
 }
 
 /// `gate[i] = act(gate[i]) * up[i]` on `kern`'s registers.
@@ -274,7 +279,7 @@ mod tests {
             for n in [1usize, 7, 16, 33, 1536] {
                 let mut g: Vec<f32> = (0..n).map(|_| rng.random_range(-20.0f32..20.0)).collect();
                 let u: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-                let specials = [0.0, -0.0, 100.0, -100.0, 1e-30, -95.0, f32::NAN];
+                let specials = [0.0, -0.0, 100.0, -100.0, 1e-30, -95.0, f32::NAN, -1e38, f32::NEG_INFINITY, f32::INFINITY];
                 for (x, &v) in g.iter_mut().zip(&specials) {
                     *x = v;
                 }
@@ -289,6 +294,11 @@ mod tests {
                 for ((&x, &u), &y) in g.iter().zip(&u).zip(&want) {
                     if x.is_nan() {
                         assert!(y.is_nan());
+                        continue;
+                    }
+                    if x.is_infinite() {
+                        // act(-inf) = 0, act(inf) = inf.
+                        assert_eq!(y, if x > 0.0 { x * u } else { 0.0 }, "{name}({x}) * {u}");
                         continue;
                     }
                     let exact = def(x as f64) * u as f64;
