@@ -119,41 +119,41 @@ pub fn gelu_tanh_mul_on(kern: super::matmul::Kernel, gate: &mut [f32], up: &[f32
 /// `gate[i] = act(gate[i]) * up[i]` on `kern`'s registers.
 #[inline(always)]
 fn gated_on(kern: super::matmul::Kernel, gate: &mut [f32], up: &[f32], act: impl Fn(f32) -> f32) {
-    use super::matmul::Kernel;
-    match kern {
-        // SAFETY: `Kernel::available` found these features.
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 => unsafe { gated_avx512(gate, up, act) },
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { gated_avx2(gate, up, act) },
-        Kernel::Portable => gated_body(gate, up, act),
-    }
+    on_registers(kern, || gated_body(gate, up, act))
 }
 
 /// `out[i] = f(x[i])` on the widest registers `kern` has (`f` inlined into each path).
 #[inline(always)]
 pub fn map_on(kern: super::matmul::Kernel, x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    on_registers(kern, || map_body(x, out, f))
+}
+
+/// Runs `body` compiled for `kern`'s instruction set: `body` (a closure over an
+/// `#[inline(always)]` loop) inlines into a function with those target features, so its
+/// loops vectorize on the widest registers. No FMA is enabled: the paths give the same bits.
+#[inline(always)]
+fn on_registers(kern: super::matmul::Kernel, body: impl FnOnce()) {
     use super::matmul::Kernel;
     match kern {
         // SAFETY: `Kernel::available` found these features.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 => unsafe { map_avx512(x, out, f) },
+        Kernel::Avx512 => unsafe { on_avx512(body) },
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => unsafe { map_avx2(x, out, f) },
-        Kernel::Portable => map_body(x, out, f),
+        Kernel::Avx2 => unsafe { on_avx2(body) },
+        Kernel::Portable => body(),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn map_avx512(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
-    map_body(x, out, f)
+unsafe fn on_avx512(body: impl FnOnce()) {
+    body()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn map_avx2(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
-    map_body(x, out, f)
+unsafe fn on_avx2(body: impl FnOnce()) {
+    body()
 }
 
 #[inline(always)]
@@ -161,18 +161,6 @@ fn map_body(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = f(v);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gated_avx512(gate: &mut [f32], up: &[f32], act: impl Fn(f32) -> f32) {
-    gated_body(gate, up, act)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gated_avx2(gate: &mut [f32], up: &[f32], act: impl Fn(f32) -> f32) {
-    gated_body(gate, up, act)
 }
 
 #[inline(always)]
