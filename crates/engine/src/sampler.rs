@@ -6,6 +6,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::cpu::matmul::Kernel;
 use crate::cpu::ops::{exp_poly, map_on, max_of};
+use crate::cpu::quant::fold_lanes;
 use crate::request::{SamplingParams, TokenLogprob};
 
 /// Per-request sampling state: the RNG and the counts the penalties need.
@@ -136,17 +137,10 @@ fn relative_probs(logits: &[f32], t: f32, probs: &mut Vec<f32>) {
     });
 }
 
-/// `Σ v` in f64, in eight lanes (a single chain of dependent adds cost ~80 µs a token).
+/// `Σ v` in f64, in eight lanes ([`fold_lanes`]; a single chain of dependent adds cost
+/// ~80 µs a token).
 fn sum_f64(v: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = v.chunks_exact(8);
-    let rest: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
-    for c in chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += x as f64;
-        }
-    }
-    lanes.iter().sum::<f64>() + rest
+    fold_lanes(v, 0f64, |a, x| a + x as f64).iter().sum()
 }
 
 /// The tokens top-k, min-p and top-p keep, most likely first (ties: lower id first), with

@@ -199,7 +199,7 @@ fn fold(m: &mut f32, l: &mut f32, a: &mut [f32], sm: f32, sl: f32, sa: &[f32]) {
         return;
     }
     let nm = m.max(sm);
-    let (ca, cs) = (exp_neg(*m - nm), exp_neg(sm - nm));
+    let (ca, cs) = (exp_poly(*m - nm), exp_poly(sm - nm));
     *l = *l * ca + sl * cs;
     for (x, &y) in a.iter_mut().zip(sa) {
         *x = *x * ca + y * cs;
@@ -471,12 +471,6 @@ fn score_rows<'q, const R: usize, K: KTile>(q_row: &impl Fn(usize) -> &'q [f32],
     }
 }
 
-/// `e^x` for the softmax's x <= 0: [`exp_poly`] (the same bits on every path).
-#[inline(always)]
-fn exp_neg(x: f32) -> f32 {
-    exp_poly(x)
-}
-
 /// Where [`Pv`] reads a tile's V: values `c .. c + W` of key `j` of the tile, as f32.
 trait VRows {
     fn vals<const W: usize>(&self, j: usize, c: usize) -> [f32; W];
@@ -533,49 +527,47 @@ impl<W> VRows for InPlace<f32, W> {
 
 /// One tile's `acc = acc · corr + Σ_j w_j · V_j` for rows that see the same keys of it.
 struct Pv<'a, V> {
-    /// Per row, [`TILE`] weights (those at `keys` set).
+    /// Per row, [`TILE`] weights (set at the keys the row sees).
     wts: &'a [f32],
     corrs: &'a [f32],
     v: &'a V,
     d: usize,
-    keys: std::ops::Range<usize>,
 }
 
 impl<V: VRows> Pv<'_, V> {
     /// Every query's rows of a tile (rows `qi * group ..` see keys `keys(qi)` of it, if any).
     #[inline(always)]
-    fn tile(&mut self, acc: &mut [f32], qn: usize, group: usize, keys: impl Fn(usize) -> Option<std::ops::Range<usize>>, seen: std::ops::Range<usize>) {
+    fn tile(&self, acc: &mut [f32], qn: usize, group: usize, keys: impl Fn(usize) -> Option<std::ops::Range<usize>>, seen: std::ops::Range<usize>) {
         for qi in 0..qn {
             let Some(ks) = keys(qi) else { continue };
             // Only the keys some query sees have V rows set ([`InPlace::new`]).
             debug_assert!(seen.start <= ks.start && ks.end <= seen.end, "query keys {ks:?} outside {seen:?}");
-            self.keys = ks;
             let mut h = 0;
             while h < group {
                 let r0 = qi * group + h;
                 h += match group - h {
-                    4.. => self.rows::<4>(acc, r0),
-                    3 => self.rows::<3>(acc, r0),
-                    2 => self.rows::<2>(acc, r0),
-                    _ => self.rows::<1>(acc, r0),
+                    4.. => self.rows::<4>(acc, r0, &ks),
+                    3 => self.rows::<3>(acc, r0, &ks),
+                    2 => self.rows::<2>(acc, r0, &ks),
+                    _ => self.rows::<1>(acc, r0, &ks),
                 };
             }
         }
     }
 
-    /// Rows `r0 .. r0 + N` of `acc` (`d` apart); returns `N`. Per value the operations
+    /// Rows `r0 .. r0 + N` of `acc` (`d` apart), over the tile's keys `keys`; returns `N`. Per value the operations
     /// are those of one row alone (a multiply by `corr`, then `+= w · v` key by key),
     /// but 64 of each row's values stay in registers across the keys and each V value
     /// is loaded once for the `N` rows: a row at a time, each key's update waited on
     /// the previous one's store.
     #[inline(always)]
-    fn rows<const N: usize>(&self, acc: &mut [f32], r0: usize) -> usize {
+    fn rows<const N: usize>(&self, acc: &mut [f32], r0: usize, keys: &std::ops::Range<usize>) -> usize {
         let mut c = 0;
         while c < self.d {
             c += match self.d - c {
-                64.. => self.chunk::<N, 64>(acc, r0, c),
-                16.. => self.chunk::<N, 16>(acc, r0, c),
-                _ => self.chunk::<N, 1>(acc, r0, c),
+                64.. => self.chunk::<N, 64>(acc, r0, keys, c),
+                16.. => self.chunk::<N, 16>(acc, r0, keys, c),
+                _ => self.chunk::<N, 1>(acc, r0, keys, c),
             };
         }
         N
@@ -583,7 +575,7 @@ impl<V: VRows> Pv<'_, V> {
 
     /// Values `c .. c + W` of the rows; returns `W`.
     #[inline(always)]
-    fn chunk<const N: usize, const W: usize>(&self, acc: &mut [f32], r0: usize, c: usize) -> usize {
+    fn chunk<const N: usize, const W: usize>(&self, acc: &mut [f32], r0: usize, keys: &std::ops::Range<usize>, c: usize) -> usize {
         let d = self.d;
         let mut a = [[0f32; W]; N];
         for (i, ai) in a.iter_mut().enumerate() {
@@ -592,7 +584,7 @@ impl<V: VRows> Pv<'_, V> {
                 *x = v * corr;
             }
         }
-        for j in self.keys.clone() {
+        for j in keys.clone() {
             let v: [f32; W] = self.v.vals::<W>(j, c);
             for (i, ai) in a.iter_mut().enumerate() {
                 let w = self.wts[(r0 + i) * TILE + j];
@@ -739,9 +731,9 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
                 // Online softmax update.
                 let tmax = max_of(sc);
                 let new_max = mx[rr].max(tmax);
-                corrs[rr] = if mx[rr] == f32::NEG_INFINITY { 0.0 } else { exp_neg(mx[rr] - new_max) };
+                corrs[rr] = if mx[rr] == f32::NEG_INFINITY { 0.0 } else { exp_poly(mx[rr] - new_max) };
                 for v in sc.iter_mut() {
-                    *v = exp_neg(*v - new_max);
+                    *v = exp_poly(*v - new_max);
                 }
                 let sum = sc.iter().fold(0f32, |s, &v| s + v);
                 den[rr] = den[rr] * corrs[rr] + sum;
@@ -761,11 +753,11 @@ unsafe fn attend_item_generic<W: Widen, const R: usize>(ctx: &Ctx<'_>, seq: &Seq
         match vc {
             KvSlice::F16(v) => {
                 let v = InPlace::<f16, W>::new(v, &voffs, seen.clone(), d);
-                Pv { wts: &wts, corrs: &corrs, v: &v, d, keys: 0..0 }.tile(&mut acc, qn, group, keys, seen)
+                Pv { wts: &wts, corrs: &corrs, v: &v, d }.tile(&mut acc, qn, group, keys, seen)
             }
             KvSlice::F32(v) => {
                 let v = InPlace::<f32, W>::new(v, &voffs, seen.clone(), d);
-                Pv { wts: &wts, corrs: &corrs, v: &v, d, keys: 0..0 }.tile(&mut acc, qn, group, keys, seen)
+                Pv { wts: &wts, corrs: &corrs, v: &v, d }.tile(&mut acc, qn, group, keys, seen)
             }
         }
         tile_start += TILE;

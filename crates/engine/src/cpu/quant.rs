@@ -28,7 +28,7 @@ pub const I8_ALIGN: usize = 32;
 /// eight independent chains where a serial fold has one, which the compiler turns into
 /// vector operations; the caller combines the lanes in a fixed order.
 #[inline(always)]
-fn fold_lanes<T: Copy>(row: &[f32], init: T, f: impl Fn(T, f32) -> T) -> [T; 8] {
+pub(crate) fn fold_lanes<T: Copy>(row: &[f32], init: T, f: impl Fn(T, f32) -> T) -> [T; 8] {
     let mut lanes = [init; 8];
     let chunks = row.chunks_exact(8);
     let rest = chunks.remainder();
