@@ -8,7 +8,15 @@
 //! the descheduled worker runs again. Workers spin briefly after a job on the atomic
 //! claim word (no lock), then sleep on a condition variable; the caller wakes them only
 //! when one sleeps, so a step's hundreds of jobs cost no system calls.
+//!
+//! A task that panics does not take the pool down: the panic is caught where it
+//! happens (worker or caller), the job's other tasks still run to the end, and only then
+//! does `run` resume the first panic in the caller. So the borrowed closure is never
+//! used after `run` returns or unwinds, and a worker never dies leaving the caller
+//! waiting for tasks it will not complete.
 
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -42,6 +50,8 @@ struct Inner {
     completed: Padded<AtomicUsize>,
     /// Threads in all, the caller included.
     threads: usize,
+    /// The first panic of the current job's tasks, resumed by the caller once the job is done.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 /// A value alone on its cache line.
@@ -78,7 +88,11 @@ impl Inner {
             }
             let take = ((n_tasks - i) / (4 * self.threads)).max(1);
             if self.claim.compare_exchange_weak(cur, cur + take as u64, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                (i..i + take).for_each(task);
+                // A panic skips the rest of this claim; the claim still counts as completed
+                // (its tasks will never run), so the caller's wait ends.
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| (i..i + take).for_each(task))) {
+                    self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+                }
                 self.completed.fetch_add(take, Ordering::AcqRel);
             }
         }
@@ -94,6 +108,7 @@ impl ThreadPool {
             claim: Padded(AtomicU64::new(0)),
             completed: Padded(AtomicUsize::new(0)),
             threads: threads.max(1),
+            panic: Mutex::new(None),
         });
         let workers = (1..threads.max(1))
             .map(|i| {
@@ -113,7 +128,9 @@ impl ThreadPool {
 
     /// Runs `f(i)` for every `i in 0..n_tasks` across the pool; returns when all are done.
     /// The caller takes tasks too and never waits for a worker that has not started: a
-    /// worker without a core costs only the tasks it actually claimed.
+    /// worker without a core costs only the tasks it actually claimed. If a task panics,
+    /// the tasks of the claim it was in are skipped, every other task runs, and then the
+    /// first panic resumes here.
     pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         if n_tasks == 0 {
             return;
@@ -152,6 +169,11 @@ impl ThreadPool {
             } else {
                 std::thread::yield_now();
             }
+        }
+        let panic = inner.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(generation);
+        if let Some(p) = panic {
+            resume_unwind(p);
         }
     }
 }
@@ -235,6 +257,73 @@ mod tests {
             });
             assert_eq!(met.load(Ordering::Acquire), 2, "after a pause of {pause_ms} ms the worker did not join");
         }
+    }
+
+    /// A panicking task, on a worker or on the caller: `run` waits for every other task of
+    /// the job (they borrow the caller's stack), then panics in the caller with the task's
+    /// own message; the pool then runs the next jobs as before.
+    #[test]
+    fn a_panicking_task_reaches_the_caller_after_the_others_finish() {
+        // On a thread of its own, so a pool that hangs (a dead worker's tasks never counted
+        // as done) fails the test instead of hanging it.
+        let (done, finished) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            panicking_tasks_rounds();
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(()) => t.join().unwrap(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::panic::resume_unwind(t.join().unwrap_err()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the pool hung after a task panicked"),
+        }
+    }
+
+    fn panicking_tasks_rounds() {
+        let pool = ThreadPool::new(2);
+        for (round, n) in [(0usize, 2usize), (1, 64), (2, 1000), (3, 64)] {
+            // Rounds alternate which thread panics: the caller's first claim starts at
+            // task 0, so "the task 0 runs on" is the caller in most runs; the other rounds
+            // panic on the last task, which the worker often takes. Both must behave the same.
+            let bad = if round % 2 == 0 { 0 } else { n - 1 };
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                pool.run(n, &|i| {
+                    if i == bad {
+                        panic!("task {i} failed");
+                    }
+                    // Slow enough that the panic usually lands while others still run.
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    hits[i].fetch_add(1, Ordering::AcqRel);
+                });
+            }));
+            let payload = result.expect_err("the task's panic must reach the caller");
+            let msg = payload.downcast_ref::<String>().expect("a formatted panic message");
+            assert_eq!(msg, &format!("task {bad} failed"));
+            // Every task that started has finished before run unwound: none is counted later.
+            let done: usize = hits.iter().map(|h| h.load(Ordering::Acquire)).sum();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let later: usize = hits.iter().map(|h| h.load(Ordering::Acquire)).sum();
+            assert_eq!(done, later, "round {round}: tasks still ran after run() unwound");
+            assert!(hits.iter().all(|h| h.load(Ordering::Acquire) <= 1));
+            assert_eq!(hits[bad].load(Ordering::Acquire), 0);
+            // The pool is whole: both threads take part in the next job.
+            let total = AtomicUsize::new(0);
+            pool.run(100, &|i| {
+                total.fetch_add(i, Ordering::Relaxed);
+            });
+            assert_eq!(total.load(Ordering::Relaxed), 4950, "round {round}");
+        }
+        // The worker survived every round: a job of two tasks that wait for each other
+        // completes only with two threads.
+        let entered = AtomicUsize::new(0);
+        pool.run(2, &|_| {
+            entered.fetch_add(1, Ordering::AcqRel);
+            let t0 = std::time::Instant::now();
+            while entered.load(Ordering::Acquire) < 2 {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(5), "the worker is gone");
+                std::hint::spin_loop();
+            }
+        });
     }
 
     #[test]
