@@ -293,6 +293,17 @@ struct EngineLoop {
 
 impl EngineLoop {
     fn run(&mut self, rx: std::sync::mpsc::Receiver<Command>) {
+        // A panic here is a bug, and it may have left the scheduler and the KV cache
+        // half-updated: end every request with an error and stop, rather than go on from a
+        // state no one can vouch for (the process stays up to report it and should be
+        // restarted).
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(&rx))) {
+            self.fail(panic_message(p.as_ref()), &rx);
+        }
+    }
+
+    /// Takes commands and runs steps until shutdown.
+    fn serve(&mut self, rx: &std::sync::mpsc::Receiver<Command>) {
         loop {
             // Block while idle; otherwise take whatever has arrived.
             if self.sched.is_idle() {
@@ -315,6 +326,46 @@ impl EngineLoop {
                 self.step();
             }
             self.publish_gauges();
+        }
+    }
+
+    /// After a panic on the engine thread: zeroes the gauges, records why, and ends every
+    /// request (and those still in the command queue) with finish reason `error`. Reads
+    /// the scheduler only for token counts.
+    fn fail(&mut self, why: String, rx: &std::sync::mpsc::Receiver<Command>) {
+        tracing::error!(panic = %why, "the engine thread panicked; ending every request and stopping the engine");
+        // Before any request ends: a client that sees its error sees these too.
+        for g in [&self.stats.num_running, &self.stats.num_waiting, &self.stats.used_blocks] {
+            g.store(0, Ordering::Relaxed);
+        }
+        let _ = self.stats.failure.set(why);
+        let now = Instant::now();
+        let end = |tx: &mpsc::UnboundedSender<TokenEvent>, info: FinishInfo| {
+            let _ = tx.send(TokenEvent { text: String::new(), token_ids: Vec::new(), logprobs: Vec::new(), finish: Some(info) });
+        };
+        let info = |arrived, prompt_tokens, completion_tokens| FinishInfo {
+            reason: FinishReason::Error,
+            stopped_by: None,
+            prompt_tokens,
+            completion_tokens,
+            arrived,
+            first_scheduled: None,
+            first_token: None,
+            finished: now,
+            preemptions: 0,
+        };
+        for (id, r) in self.reqs.drain() {
+            if r.first_scheduled.is_none() {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            let (p, c) = self.sched.get(id).map_or((0, 0), |s| (s.prompt_len, s.num_output()));
+            end(&r.tx, FinishInfo { first_scheduled: r.first_scheduled, first_token: r.first_token, ..info(r.arrived, p, c) });
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            if let Command::Add { req, tx, arrived, .. } = cmd {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                end(&tx, info(arrived, req.prompt_ids.len(), 0));
+            }
         }
     }
 
@@ -613,4 +664,12 @@ impl EngineLoop {
         self.stats.num_waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
         self.stats.used_blocks.store(self.sched.used_blocks(), Ordering::Relaxed);
     }
+}
+
+/// The text a panic carried (`panic!` with a literal or with format arguments).
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

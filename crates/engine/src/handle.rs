@@ -58,6 +58,9 @@ pub struct EngineStats {
     pub steps_total: AtomicU64,
     /// Names of the adapters of running and of waiting requests (sorted, distinct).
     pub lora: std::sync::Mutex<LoraActivity>,
+    /// Set once when a step panicked: the engine thread ended every request with finish
+    /// reason `error` and stopped; what the panic said.
+    pub(crate) failure: std::sync::OnceLock<String>,
 }
 
 /// Which adapters are in use, for `tessera:lora_requests_info`.
@@ -138,6 +141,9 @@ impl EngineHandle {
     /// prompt + max_tokens beyond max_model_len or beyond the whole KV cache.
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream> {
         let s = &self.shared;
+        if let Some(why) = self.failure() {
+            return Err(EngineError::Unavailable(format!("the engine stopped after an internal error ({why})")));
+        }
         if !s.accepting.load(Ordering::Acquire) {
             return Err(EngineError::Unavailable("the engine is draining".into()));
         }
@@ -200,6 +206,13 @@ impl EngineHandle {
 
     pub fn stats(&self) -> &EngineStats {
         &self.shared.stats
+    }
+
+    /// Why the engine stopped, if an internal error (a panic in a step) stopped it: every
+    /// request it held ended with finish reason `error` and new ones are refused. A process
+    /// in this state should be restarted (the server's `/health` answers 503).
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.stats.failure.get().map(String::as_str)
     }
 
     /// Fraction of KV blocks in use, 0..1.

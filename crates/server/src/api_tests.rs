@@ -551,6 +551,29 @@ async fn readiness_follows_loading_and_health_does_not() {
     assert_eq!(call(&app, get("/ready")).await.0, StatusCode::OK);
 }
 
+/// After an internal error stopped the engine, the process says so everywhere: `/health`
+/// (the liveness probe) and `/ready` answer 503 with the reason, generation requests get
+/// an OpenAI-shaped 503, and `/metrics` still answers for the alert that follows.
+#[tokio::test]
+async fn a_stopped_engine_fails_health_readiness_and_requests_with_the_reason() {
+    let (app, _, fake) = setup(keyed());
+    let get = |p: &str| request(Method::GET, p, "", None);
+    assert_eq!(call(&app, get("/health")).await.0, StatusCode::OK);
+    fake.fail("index out of bounds in step 7");
+    for path in ["/health", "/ready"] {
+        let (s, b) = call(&app, get(path)).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        let body: Value = serde_json::from_slice(&b).unwrap();
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("index out of bounds in step 7") && msg.contains("restart"), "{path}: {body}");
+    }
+    let (s, body) = post(&app, "/v1/completions", json!({"prompt": "x"})).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("index out of bounds"), "{body}");
+    assert_eq!(call(&app, get("/metrics")).await.0, StatusCode::OK);
+    assert!(fake.submitted().is_empty());
+}
+
 #[tokio::test]
 async fn models_lists_the_served_name_first() {
     let opts = ServerOptions {

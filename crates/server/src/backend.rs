@@ -39,6 +39,8 @@ pub trait Backend: Send + Sync + 'static {
     fn abort_all(&self);
     /// Stop the engine thread.
     fn shutdown(&self);
+    /// Why the engine stopped on its own (an internal error ended every request), if it did.
+    fn failure(&self) -> Option<String>;
 }
 
 /// Tokenization as the API needs it.
@@ -134,6 +136,10 @@ impl Backend for EngineBackend {
 
     fn stop_accepting(&self) {
         self.handle.stop_accepting();
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.handle.failure().map(str::to_string)
     }
 
     fn abort_all(&self) {

@@ -81,6 +81,7 @@ pub struct FakeBackend {
     accepting: AtomicBool,
     next_id: AtomicU64,
     submitted: Mutex<Vec<GenerateRequest>>,
+    failure: Mutex<Option<String>>,
     counters: Arc<Counters>,
     abort: watch::Sender<u64>,
 }
@@ -116,6 +117,7 @@ impl FakeBackend {
             accepting: AtomicBool::new(true),
             next_id: AtomicU64::new(0),
             submitted: Mutex::new(Vec::new()),
+            failure: Mutex::new(None),
             counters: Arc::default(),
             abort: watch::channel(0).0,
         })
@@ -124,6 +126,14 @@ impl FakeBackend {
     pub fn set_mode(&self, mode: FakeMode) {
         if let Ok(mut m) = self.mode.lock() {
             *m = mode;
+        }
+    }
+
+    /// From now on the engine reports itself stopped by an internal error, as the real
+    /// one does after a panicked step.
+    pub fn fail(&self, why: &str) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = Some(why.into());
         }
     }
 
@@ -293,6 +303,11 @@ impl Backend for FakeBackend {
     }
 
     fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
+        if let Some(why) = self.failure() {
+            return Err(EngineError::Unavailable(format!(
+                "the engine stopped after an internal error ({why})"
+            )));
+        }
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::Unavailable("the engine is draining".into()));
         }
@@ -367,6 +382,10 @@ impl Backend for FakeBackend {
     fn shutdown(&self) {
         self.stop_accepting();
         self.abort_all();
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
     }
 }
 

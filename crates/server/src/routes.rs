@@ -51,8 +51,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// 200 while the process can serve (also while loading and draining); 503 once an
+/// internal error stopped the engine, so a liveness probe restarts the process.
+async fn health(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if let Some(e) = state.failure() {
+        return Err(e);
+    }
+    Ok(Json(serde_json::json!({"status": "ok"})))
 }
 
 async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

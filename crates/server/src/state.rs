@@ -182,9 +182,18 @@ impl AppState {
         if self.is_draining() {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
-        self.loaded().ok_or_else(|| {
+        let l = self.loaded().ok_or_else(|| {
             ApiError::Unavailable("the model is still loading; retry shortly".into())
-        })
+        })?;
+        if let Some(why) = l.backend.failure() {
+            return Err(engine_stopped(&why));
+        }
+        Ok(l)
+    }
+
+    /// The engine's internal error, once one stopped it (then `/health` answers 503).
+    pub fn failure(&self) -> Option<ApiError> {
+        self.loaded()?.backend.failure().map(|why| engine_stopped(&why))
     }
 
     /// Stop taking new requests: `/ready` and new requests answer 503; running ones go on.
@@ -241,4 +250,10 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+fn engine_stopped(why: &str) -> ApiError {
+    ApiError::Unavailable(format!(
+        "the engine stopped after an internal error ({why}); this server must be restarted"
+    ))
 }
