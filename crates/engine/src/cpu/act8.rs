@@ -450,39 +450,86 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 mod portable {
     use super::{f16_at, A8Format, A8Strip, PANEL};
 
-    /// Columns `c0 .. c0 + cols` (`y` at column `c0`), output by output as the module
-    /// doc defines them.
+    /// Columns `c0 .. c0 + cols` (`y` at column `c0`), a panel at a time as the x86 kernels
+    /// take them, with plain arrays the compiler vectorizes for the target's baseline
+    /// (NEON on aarch64, SSE2 on x86-64): a code word holds four codes of one column, so
+    /// the sixteen columns' words decode with a shift and a mask per lane, and the group's
+    /// sixteen dot products and FMAs run lane-wise, products in i16 (at most 127·127, or
+    /// 15·127 twice for Q4_1's two nibbles) added to i32. Per output the arithmetic is the
+    /// module doc's, in its order, so the result is that of every other path, bit for bit.
     pub unsafe fn gemm(s: &A8Strip, m: usize, c0: usize, cols: usize, y: *mut f32, ldy: usize) {
-        for i in 0..m {
-            let x = s.xq0.add(i * s.kp);
-            for j in c0..c0 + cols {
-                let (p, c) = (j / PANEL, j % PANEL);
-                let mut acc = 0f32;
-                for g in 0..s.groups {
-                    let grp = s.group(p, g);
-                    let mut dot = 0i32;
-                    for e in 0..32 {
-                        dot += s.code(grp, c, e) * *x.add(g * 32 + e) as i32;
+        if cols == 0 {
+            return;
+        }
+        for p in c0 / PANEL..=(c0 + cols - 1) / PANEL {
+            let lanes = c0.max(p * PANEL) - p * PANEL..(c0 + cols).min((p + 1) * PANEL) - p * PANEL;
+            for i in 0..m {
+                let acc = match s.format {
+                    A8Format::Q4_1 => panel::<true>(s, p, i),
+                    A8Format::Q8_0 | A8Format::I8 => panel::<false>(s, p, i),
+                };
+                for c in lanes.clone() {
+                    let j = p * PANEL + c;
+                    let mut v = acc[c];
+                    if s.format == A8Format::I8 {
+                        v *= *s.scales.add(j);
                     }
-                    let at = i * s.groups + g;
-                    let scale = match s.format {
-                        A8Format::I8 => *s.sx.add(at),
-                        _ => *s.sx.add(at) * f16_at(grp.add(2 * c)),
-                    };
-                    acc = (dot as f32).mul_add(scale, acc);
-                    if s.format == A8Format::Q4_1 {
-                        acc = f16_at(grp.add(32 + 2 * c)).mul_add(*s.xs.add(at), acc);
+                    for &(col, x) in s.row_outliers(i) {
+                        v += x * s.value(j, col as usize, |p| f16_at(p));
                     }
+                    *y.add(i * ldy + j - c0) = v;
                 }
-                if s.format == A8Format::I8 {
-                    acc *= *s.scales.add(j);
-                }
-                for &(col, v) in s.row_outliers(i) {
-                    acc += v * s.value(j, col as usize, |p| f16_at(p));
-                }
-                *y.add(i * ldy + j - c0) = acc;
             }
         }
+    }
+
+    /// Row `i`'s sums over every group of panel `p` (before an I8 column scale and the
+    /// outliers). `Q41`: nibbles (word `q`'s low nibbles are codes `4q..`, its high ones
+    /// `16 + 4q..`); otherwise signed bytes (word `q` holds codes `4q..4q + 4`).
+    #[inline(always)]
+    unsafe fn panel<const Q41: bool>(s: &A8Strip, p: usize, i: usize) -> [f32; PANEL] {
+        let x = s.xq0.add(i * s.kp);
+        let head = s.format.head_bytes();
+        let mut acc = [0f32; PANEL];
+        for g in 0..s.groups {
+            let grp = s.group(p, g);
+            let xg = (x.add(g * 32) as *const [i8; 32]).read_unaligned();
+            let word = |q: usize| (grp.add(head + 64 * q) as *const [u32; PANEL]).read_unaligned();
+            let mut dot = [0i32; PANEL];
+            if Q41 {
+                for q in 0..4 {
+                    let w = word(q);
+                    for b in 0..4 {
+                        let (lo, hi) = (xg[4 * q + b] as i16, xg[16 + 4 * q + b] as i16);
+                        for c in 0..PANEL {
+                            let v = w[c] >> (8 * b);
+                            dot[c] += ((v & 0x0f) as i16 * lo + (v >> 4 & 0x0f) as i16 * hi) as i32;
+                        }
+                    }
+                }
+            } else {
+                for q in 0..8 {
+                    let w = word(q);
+                    for b in 0..4 {
+                        let xb = xg[4 * q + b] as i16;
+                        for c in 0..PANEL {
+                            dot[c] += ((w[c] >> (8 * b)) as u8 as i8 as i16 * xb) as i32;
+                        }
+                    }
+                }
+            }
+            let at = i * s.groups + g;
+            let sx = *s.sx.add(at);
+            for c in 0..PANEL {
+                // I8: `s_x · 1`, as the other paths (no per-group scale).
+                let scale = if s.format == A8Format::I8 { sx } else { sx * f16_at(grp.add(2 * c)) };
+                acc[c] = (dot[c] as f32).mul_add(scale, acc[c]);
+                if Q41 {
+                    acc[c] = f16_at(grp.add(32 + 2 * c)).mul_add(*s.xs.add(at), acc[c]);
+                }
+            }
+        }
+        acc
     }
 }
 
