@@ -330,14 +330,15 @@ impl EngineLoop {
     }
 
     /// After a panic on the engine thread: zeroes the gauges, records why, and ends every
-    /// request (and those still in the command queue) with finish reason `error`. Reads
-    /// the scheduler only for token counts.
+    /// request with finish reason `error`, then every request still sent to it, until
+    /// shutdown or the last handle is gone. Reads the scheduler only for token counts.
     fn fail(&mut self, why: String, rx: &std::sync::mpsc::Receiver<Command>) {
         tracing::error!(panic = %why, "the engine thread panicked; ending every request and stopping the engine");
         // Before any request ends: a client that sees its error sees these too.
         for g in [&self.stats.num_running, &self.stats.num_waiting, &self.stats.used_blocks] {
             g.store(0, Ordering::Relaxed);
         }
+        *self.stats.lora.lock().unwrap_or_else(|e| e.into_inner()) = Default::default();
         let _ = self.stats.failure.set(why);
         let now = Instant::now();
         let end = |tx: &mpsc::UnboundedSender<TokenEvent>, info: FinishInfo| {
@@ -361,10 +362,16 @@ impl EngineLoop {
             let (p, c) = self.sched.get(id).map_or((0, 0), |s| (s.prompt_len, s.num_output()));
             end(&r.tx, FinishInfo { first_scheduled: r.first_scheduled, first_token: r.first_token, ..info(r.arrived, p, c) });
         }
-        while let Ok(cmd) = rx.try_recv() {
-            if let Command::Add { req, tx, arrived, .. } = cmd {
-                self.queued.fetch_sub(1, Ordering::AcqRel);
-                end(&tx, info(arrived, req.prompt_ids.len(), 0));
+        // Until the handles are gone (or a shutdown): `submit` refuses once `failure` is
+        // set, but a request it let through just before must still get its final event.
+        while let Ok(cmd) = rx.recv() {
+            match cmd {
+                Command::Add { req, tx, arrived, .. } => {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    end(&tx, info(arrived, req.prompt_ids.len(), 0));
+                }
+                Command::AbortAll => {}
+                Command::Shutdown => return,
             }
         }
     }

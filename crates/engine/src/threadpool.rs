@@ -91,7 +91,15 @@ impl Inner {
                 // A panic skips the rest of this claim; the claim still counts as completed
                 // (its tasks will never run), so the caller's wait ends.
                 if let Err(p) = catch_unwind(AssertUnwindSafe(|| (i..i + take).for_each(task))) {
-                    self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+                    let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                    if first.is_none() {
+                        *first = Some(p);
+                    } else {
+                        // Not dropped: a payload's own drop could panic here, before the
+                        // claim is counted, and leave the caller waiting.
+                        drop(first);
+                        std::mem::forget(p);
+                    }
                 }
                 self.completed.fetch_add(take, Ordering::AcqRel);
             }

@@ -134,14 +134,18 @@ fn impossible_requests_are_refused_at_submit_with_the_numbers() {
     assert!(matches!(err, engine::EngineError::InvalidParam { .. }));
 }
 
-/// Panics on the engine thread's fourth step, after that step's work (the observer runs
-/// inside the step, as a panic in any kernel or in the scheduler would).
-struct PanicOnStep(std::sync::atomic::AtomicUsize);
+/// Once armed, panics on the engine thread's second step, after that step's work (the
+/// observer runs inside the step, as a panic in any kernel or in the scheduler would).
+#[derive(Default)]
+struct PanicOnStep {
+    armed: std::sync::atomic::AtomicBool,
+    steps: std::sync::atomic::AtomicUsize,
+}
 
 impl engine::StepObserver for PanicOnStep {
     fn on_step(&self, _: &engine::StepStats) {
-        if self.0.fetch_add(1, Ordering::AcqRel) + 1 == 4 {
-            panic!("injected failure in step 4");
+        if self.armed.load(Ordering::Acquire) && self.steps.fetch_add(1, Ordering::AcqRel) + 1 == 2 {
+            panic!("injected failure in a step");
         }
     }
 }
@@ -151,21 +155,23 @@ impl engine::StepObserver for PanicOnStep {
 /// refuses new requests with that reason, and zeroes the gauges.
 #[test]
 fn a_panicking_step_ends_every_request_with_an_error_and_stops_the_engine() {
-    let obs = std::sync::Arc::new(PanicOnStep(Default::default()));
-    let h = start(EngineConfig { max_num_seqs: 2, observer: Some(obs as std::sync::Arc<dyn engine::StepObserver>), ..default_cfg() });
+    let obs = std::sync::Arc::new(PanicOnStep::default());
+    let h = start(EngineConfig { max_num_seqs: 2, observer: Some(obs.clone() as std::sync::Arc<dyn engine::StepObserver>), ..default_cfg() });
     let p = prompts()[4].clone();
     let params = || SamplingParams { ignore_eos: true, ..SamplingParams::greedy(200) };
     let rxs: Vec<_> = (0..3).map(|_| h.submit(GenerateRequest { prompt_ids: p.clone(), params: params(), adapter: None }).unwrap()).collect();
+    // Armed once all three are in: 200 tokens take far longer than the steps until then.
+    obs.armed.store(true, Ordering::Release);
     for (i, rx) in rxs.into_iter().enumerate() {
         let d = collect(rx);
         let fin = d.events.last().and_then(|e| e.finish.clone()).unwrap_or_else(|| panic!("request {i} ended without a final event"));
         assert_eq!(fin.reason, engine::FinishReason::Error, "request {i}");
         assert!(d.ids.len() < 200, "request {i} ran to the end");
     }
-    assert_eq!(h.failure(), Some("injected failure in step 4"));
+    assert_eq!(h.failure(), Some("injected failure in a step"));
     let err = h.submit(GenerateRequest { prompt_ids: p.clone(), params: params(), adapter: None }).err().expect("refused");
     assert!(matches!(err, engine::EngineError::Unavailable(_)), "{err:?}");
-    assert!(err.to_string().contains("injected failure in step 4"), "{err}");
+    assert!(err.to_string().contains("injected failure in a step"), "{err}");
     for g in [&h.stats().num_running, &h.stats().num_waiting, &h.stats().used_blocks] {
         assert_eq!(g.load(Ordering::Relaxed), 0);
     }

@@ -130,7 +130,8 @@ impl FakeBackend {
     }
 
     /// From now on the engine reports itself stopped by an internal error, as the real
-    /// one does after a panicked step.
+    /// one does after a panicked step, and refuses new requests. Unlike the real one it
+    /// does not end the requests already running (tests of that use the real engine).
     pub fn fail(&self, why: &str) {
         if let Ok(mut f) = self.failure.lock() {
             *f = Some(why.into());
