@@ -342,7 +342,7 @@ impl EngineLoop {
         let _ = self.stats.failure.set(why);
         let now = Instant::now();
         let end = |tx: &mpsc::UnboundedSender<TokenEvent>, info: FinishInfo| {
-            let _ = tx.send(TokenEvent { text: String::new(), token_ids: Vec::new(), logprobs: Vec::new(), finish: Some(info) });
+            let _ = tx.send(TokenEvent { finish: Some(info), ..TokenEvent::default() });
         };
         let info = |arrived, prompt_tokens, completion_tokens| FinishInfo {
             reason: FinishReason::Error,
@@ -442,7 +442,7 @@ impl EngineLoop {
                 // A device failure ends the step's requests; the others and the engine go on.
                 tracing::error!(error = %e, "forward failed; ending the step's requests");
                 for s in &out.seqs {
-                    let ev = TokenEvent { text: String::new(), token_ids: Vec::new(), logprobs: Vec::new(), finish: None };
+                    let ev = TokenEvent::default();
                     self.finish_with(s.id, FinishReason::Error, None, ev);
                 }
                 return;
@@ -629,7 +629,7 @@ impl EngineLoop {
 
     /// Ends a request (cancelled, or at shutdown) with an event that carries only the finish.
     fn abort(&mut self, id: RequestId) {
-        let ev = TokenEvent { text: String::new(), token_ids: Vec::new(), logprobs: Vec::new(), finish: None };
+        let ev = TokenEvent::default();
         self.finish_with(id, FinishReason::Abort, None, ev);
     }
 

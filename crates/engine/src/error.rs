@@ -37,6 +37,12 @@ impl EngineError {
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
         EngineError::InvalidParam { param: param.to_string(), message: message.into() }
     }
+
+    /// What `submit` answers once an internal error stopped the engine (`why`: the panic's
+    /// message).
+    pub fn stopped(why: &str) -> Self {
+        EngineError::Unavailable(format!("the engine stopped after an internal error ({why})"))
+    }
 }
 
 impl From<candle_core::Error> for EngineError {

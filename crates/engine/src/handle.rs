@@ -142,7 +142,7 @@ impl EngineHandle {
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream> {
         let s = &self.shared;
         if let Some(why) = self.failure() {
-            return Err(EngineError::Unavailable(format!("the engine stopped after an internal error ({why})")));
+            return Err(EngineError::stopped(why));
         }
         if !s.accepting.load(Ordering::Acquire) {
             return Err(EngineError::Unavailable("the engine is draining".into()));

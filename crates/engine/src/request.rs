@@ -199,7 +199,8 @@ pub struct FinishInfo {
 }
 
 /// One step's output for one request. Events arrive in order; the last one has `finish`.
-#[derive(Debug, Clone, PartialEq)]
+/// The default: no text, no tokens, not final.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenEvent {
     /// Text that became final in this step (never half a UTF-8 character, never a part of
     /// a possible stop string); may be empty while text is held back.

@@ -565,11 +565,20 @@ async fn a_stopped_engine_fails_health_readiness_and_requests_with_the_reason() 
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{path}");
         let body: Value = serde_json::from_slice(&b).unwrap();
         let msg = body["error"]["message"].as_str().unwrap_or_default();
-        assert!(msg.contains("index out of bounds in step 7") && msg.contains("restart"), "{path}: {body}");
+        assert!(
+            msg.contains("index out of bounds in step 7") && msg.contains("restart"),
+            "{path}: {body}"
+        );
     }
     let (s, body) = post(&app, "/v1/completions", json!({"prompt": "x"})).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("index out of bounds"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("index out of bounds"),
+        "{body}"
+    );
     assert_eq!(call(&app, get("/metrics")).await.0, StatusCode::OK);
     assert!(fake.submitted().is_empty());
 }

@@ -305,9 +305,7 @@ impl Backend for FakeBackend {
 
     fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
         if let Some(why) = self.failure() {
-            return Err(EngineError::Unavailable(format!(
-                "the engine stopped after an internal error ({why})"
-            )));
+            return Err(EngineError::stopped(&why));
         }
         if !self.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::Unavailable("the engine is draining".into()));

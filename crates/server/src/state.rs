@@ -177,23 +177,26 @@ impl AppState {
         self.inner.loaded.get()
     }
 
-    /// The model, or 503 while loading or draining.
+    /// The model, or 503 while loading, while draining, or once an internal error stopped
+    /// the engine.
     pub fn serving(&self) -> Result<&Loaded, ApiError> {
         if self.is_draining() {
             return Err(ApiError::Unavailable("the server is shutting down".into()));
         }
-        let l = self.loaded().ok_or_else(|| {
-            ApiError::Unavailable("the model is still loading; retry shortly".into())
-        })?;
-        if let Some(why) = l.backend.failure() {
-            return Err(engine_stopped(&why));
+        if let Some(e) = self.failure() {
+            return Err(e);
         }
-        Ok(l)
+        self.loaded().ok_or_else(|| {
+            ApiError::Unavailable("the model is still loading; retry shortly".into())
+        })
     }
 
     /// The engine's internal error, once one stopped it (then `/health` answers 503).
     pub fn failure(&self) -> Option<ApiError> {
-        self.loaded()?.backend.failure().map(|why| engine_stopped(&why))
+        let why = self.loaded()?.backend.failure()?;
+        Some(ApiError::Unavailable(format!(
+            "the engine stopped after an internal error ({why}); this server must be restarted"
+        )))
     }
 
     /// Stop taking new requests: `/ready` and new requests answer 503; running ones go on.
@@ -250,10 +253,4 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn engine_stopped(why: &str) -> ApiError {
-    ApiError::Unavailable(format!(
-        "the engine stopped after an internal error ({why}); this server must be restarted"
-    ))
 }
